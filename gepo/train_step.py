@@ -170,6 +170,19 @@ def completion_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     return out.logits[:, :-1, :]
 
 
+@torch.no_grad()
+def recompute_logprobs(model: torch.nn.Module, prompt_ids: Sequence[int], completions: Sequence[Sequence[int]],
+                       temperature: float = 1.0, pad_token_id: int = 0) -> list[list[float]]:
+    """log_softmax(logits / temperature) at each completion token, from one forward in the learner's layout.
+
+    What a sampler whose engine does not report these (vLLM) attaches to its completions.
+    """
+    rows = [_Row(prompt_ids, c, [0.0] * len(c), 0.0, 0) for c in completions]
+    batch = _collate(rows, pad_token_id, next(model.parameters()).device)
+    lp = token_logprobs(completion_logits(model, batch), batch["completion_ids"], temperature)
+    return [lp[i, : len(c)].float().cpu().tolist() for i, c in enumerate(completions)]
+
+
 def _merge_metrics(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
     """Combine micro-batch metrics: losses add up, maxima take the max, the rest is a row-weighted mean."""
     total_rows = sum(n for _, n in parts)

@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from gepo.config import LossConfig
 from gepo.logprobs import token_logprobs
-from gepo.train_step import ScoredGroup, TrainStepConfig, _collate, _Row, completion_logits, train_step
+from gepo.train_step import (ScoredGroup, TrainStepConfig, _collate, _Row, completion_logits, recompute_logprobs,
+                             train_step)
 
 VOCAB = 40
 
@@ -46,11 +47,7 @@ def sampled_groups(model, n_groups: int = 3, g: int = 4, seed: int = 1, version:
 
 
 def with_logprobs_of(model, group: ScoredGroup) -> ScoredGroup:
-    rows = [_Row(group.prompt_ids, c, [0.0] * len(c), 0.0, 0) for c in group.completion_ids]
-    batch = _collate(rows, 0, torch.device("cpu"))
-    with torch.no_grad():
-        lp = token_logprobs(completion_logits(model, batch), batch["completion_ids"])
-    logprobs = [lp[i, : len(c)].tolist() for i, c in enumerate(group.completion_ids)]
+    logprobs = recompute_logprobs(model, group.prompt_ids, group.completion_ids)
     return ScoredGroup(group.prompt_ids, group.completion_ids, logprobs, group.rewards, group.policy_version)
 
 
