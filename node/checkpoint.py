@@ -1,0 +1,83 @@
+"""Learner checkpoints that `--resume` continues from with the same version numbering.
+
+    run_dir/checkpoints/step-000020/
+        model/            save_pretrained(): config, weights, tokenizer files
+        optimizer.pt      optimizer (and scheduler) state
+        state.json        step, policy version, counters, RNG seeds: the run state
+    run_dir/checkpoints/LATEST   name of the newest complete checkpoint
+
+A checkpoint is written to a temporary folder and renamed into place, and LATEST is replaced atomically, so a crash
+mid-write leaves the previous checkpoint as the one to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    policy_version: int = 0
+    counters: dict[str, Any] = field(default_factory=dict)
+
+
+def _checkpoints(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: str | Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
+                    state: RunState, *, keep: int = 2, scheduler: Any | None = None) -> Path:
+    root = _checkpoints(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state.step:06d}"
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "model").mkdir(parents=True)
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp / "model")
+    torch.save({"optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state.__dict__, indent=2, sort_keys=True))
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    latest_tmp = root / ".LATEST.tmp"
+    latest_tmp.write_text(name)
+    os.replace(latest_tmp, root / "LATEST")
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("checkpoint %s (policy version %d)", final, state.policy_version)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    pointer = _checkpoints(run_dir) / "LATEST"
+    if not pointer.is_file():
+        return None
+    path = _checkpoints(run_dir) / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def load_run_state(checkpoint: Path) -> RunState:
+    data = json.loads((checkpoint / "state.json").read_text())
+    return RunState(step=int(data["step"]), policy_version=int(data["policy_version"]),
+                    counters=dict(data.get("counters", {})))
+
+
+def load_optimizer(checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any | None = None) -> None:
+    saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    if scheduler is not None and saved.get("scheduler") is not None:
+        scheduler.load_state_dict(saved["scheduler"])

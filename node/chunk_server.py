@@ -1,0 +1,308 @@
+"""Serving policy versions to other peers: manifests, have-bitmaps and chunks, over one stream protocol.
+
+Handler ``gepo-swarm/<run>/weights/1``; each stream carries one request frame and one answer frame:
+
+==========  =========================================  ===========================================================
+op          request header                             answer
+==========  =========================================  ===========================================================
+manifest    ``v`` (None: newest complete)              ``{ok, v, d}`` + signed manifest bytes
+have        ``v``                                      ``{ok, v, d, bm, complete, versions}``
+chunk       ``v``, ``d`` (manifest digest), ``i``      ``{ok, v, i, bm}`` + the chunk's bytes, or an error:
+            (None: "you choose"), ``excl`` (bitmap     ``unknown_version`` / ``missing`` (with ``bm``) /
+            of chunks the requester has or is          ``rationed`` / ``busy`` (with ``retry_after``)
+            already fetching)
+==========  =========================================  ===========================================================
+
+Every answer to a chunk request carries the server's current bitmap (``bm``): an active downloader learns what its
+sources hold for free ("have" messages piggy-backed on the data). At most ``max_uploads`` chunks are sent at once
+(others wait up to a few seconds, then get ``busy``) and every byte goes through the node's upload
+:class:`~node.ratelimit.TokenBucket`.
+
+:class:`ChunkRationer` (learner only) makes the learner a "super-seed": a request without an index gets the chunk
+served least so far that the requester lacks, and a chunk is served again only after ``interval`` seconds, so each
+chunk leaves the learner about once per interval however many samplers ask; the samplers copy it among themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .ratelimit import TokenBucket
+from .weights_store import WeightStore, unpack_bits
+from .wire import WireError, error_header, recv_header, send_frame
+
+logger = logging.getLogger(__name__)
+
+
+class ChunkRationer:
+    """Per-version, per-chunk serve counts and times for the learner's "super-seeding"."""
+
+    def __init__(self, interval: Optional[float], upload_limit: Optional[float], min_interval: float = 5.0):
+        self.fixed_interval = interval
+        self.upload_limit = upload_limit
+        self.min_interval = min_interval
+        self._state: Dict[int, Tuple[np.ndarray, np.ndarray, float]] = {}
+        # version -> chunk -> peers it was served to (bounded), and re-serves granted per peer
+        self._served_to: Dict[int, Dict[int, List[str]]] = {}
+        self._resends: Dict[int, Counter] = {}
+
+    def interval_for(self, total_size: int) -> float:
+        if self.fixed_interval is not None:
+            return float(self.fixed_interval)
+        rate = self.upload_limit or 50e6
+        return max(self.min_interval, 2.0 * total_size / rate)
+
+    def register(self, version: int, n_chunks: int, total_size: int) -> None:
+        if version not in self._state:
+            self._state[version] = (
+                np.zeros(n_chunks, dtype=np.int64),
+                np.full(n_chunks, -np.inf),
+                self.interval_for(total_size),
+            )
+            self._served_to[version] = defaultdict(list)
+            self._resends[version] = Counter()
+            for v in sorted(self._state)[:-4]:
+                del self._state[v]
+                self._served_to.pop(v, None)
+                self._resends.pop(v, None)
+
+    def choose(
+        self,
+        version: int,
+        lacking: np.ndarray,
+        requested: Optional[int],
+        now: Optional[float] = None,
+        requester: Optional[str] = None,
+    ) -> Tuple[Optional[int], float]:
+        """Pick the chunk to send (marking it served) or return ``(None, retry_after)``.
+
+        ``lacking``: chunks the requester neither holds nor is fetching elsewhere. A chunk already served *to this
+        requester* that it still lacks was evidently lost on the way (a broken transfer): it may be served to it
+        again at once, up to a small per-requester budget."""
+        counts, last, interval = self._state[version]
+        now = time.monotonic() if now is None else now
+        eligible = lacking & ((counts == 0) | (now - last >= interval))
+        if requester is not None and not eligible.any() and lacking.any():
+            served_to = self._served_to[version]
+            budget = max(2, len(counts) // 8)
+            lost = [i for i in np.flatnonzero(lacking).tolist() if requester in served_to.get(i, ())]
+            if lost and self._resends[version][requester] < budget:
+                self._resends[version][requester] += 1
+                eligible = np.zeros_like(lacking)
+                eligible[lost] = True
+        if not eligible.any():
+            if not lacking.any():
+                return None, 0.0
+            wait = float(np.min(last[lacking] + interval - now))
+            return None, max(0.2, wait)
+        cand = np.flatnonzero(eligible)
+        best = cand[counts[cand] == counts[cand].min()]
+        if requested is not None and requested in set(best.tolist()):
+            index = int(requested)
+        else:
+            index = int(best[random.randrange(len(best))])
+        counts[index] += 1
+        last[index] = now
+        if requester is not None:
+            peers = self._served_to[version][index]
+            peers.append(requester)
+            del peers[:-8]
+        return index, 0.0
+
+    def unserve(self, version: int, index: int) -> None:
+        st = self._state.get(version)
+        if st is not None and st[0][index] > 0:
+            st[0][index] -= 1
+            st[1][index] = -np.inf
+
+    def served_counts(self, version: int) -> Optional[np.ndarray]:
+        st = self._state.get(version)
+        return None if st is None else st[0].copy()
+
+
+@dataclass
+class UploadStats:
+    bytes_up: int = 0
+    chunks_served: int = 0
+    requests: int = 0
+    busy: int = 0
+    rationed: int = 0
+    failed: int = 0
+
+
+class ChunkServer:
+    """Answers the weights protocol from a :class:`WeightStore`. Create one per node; register :meth:`handle`."""
+
+    def __init__(
+        self,
+        store: WeightStore,
+        limiter: TokenBucket,
+        *,
+        max_uploads: int = 4,
+        rpc_timeout: float = 10.0,
+        stall_timeout: float = 15.0,
+        rationer: Optional[ChunkRationer] = None,
+        slot_wait: float = 5.0,
+        keepalive: float = 30.0,
+        max_streams: int = 256,
+        max_streams_per_peer: int = 8,
+        max_uploads_per_peer: int = 2,
+    ):
+        self.store = store
+        self.limiter = limiter
+        self.rationer = rationer
+        self.rpc_timeout = rpc_timeout
+        self.stall_timeout = stall_timeout
+        self.slot_wait = slot_wait
+        self.max_uploads = max_uploads
+        self.keepalive = keepalive
+        self.max_streams = max_streams
+        self.max_streams_per_peer = max_streams_per_peer
+        self.max_uploads_per_peer = max_uploads_per_peer
+        self._peer_uploads: Counter = Counter()
+        self._streams = 0
+        self._peer_streams: Counter = Counter()
+        self._slots: Optional[asyncio.Semaphore] = None
+        self.stats = UploadStats()
+        self.bytes_by_version: Dict[int, int] = defaultdict(int)
+        #: test hook: ``tamper(version, index, data) -> bytes`` replaces the bytes sent for a chunk
+        self.tamper: Optional[Callable[[int, int, memoryview], bytes]] = None
+
+    async def handle(self, peer_id, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve the requests of one stream in order until the peer closes it (or is idle for ``keepalive`` s)."""
+        peer = str(peer_id)
+        if self._streams >= self.max_streams or self._peer_streams[peer] >= self.max_streams_per_peer:
+            await self._reply(writer, error_header("busy", retry_after=1.0 + random.random()))
+            return
+        self._streams += 1
+        self._peer_streams[peer] += 1
+        try:
+            timeout = self.rpc_timeout
+            while True:
+                try:
+                    header, _ = await recv_header(reader, timeout=timeout, max_payload=0)
+                except WireError as e:
+                    if e.eof or "sent nothing" in str(e):
+                        return
+                    raise
+                timeout = self.keepalive
+                op = header.get("op")
+                self.stats.requests += 1
+                if op == "chunk":
+                    await self._chunk(header, writer, peer)
+                elif op == "have":
+                    await self._have(header, writer)
+                elif op == "manifest":
+                    await self._manifest(header, writer)
+                else:
+                    await self._reply(writer, error_header("bad_request", f"unknown op {str(op)[:32]!r}"))
+                    return
+        finally:
+            self._streams -= 1
+            self._peer_streams[peer] -= 1
+            if not self._peer_streams[peer]:
+                del self._peer_streams[peer]
+
+    async def _reply(self, writer, header, payload=None, version: Optional[int] = None) -> None:
+        def count(n: int) -> None:
+            self.stats.bytes_up += n
+            if version is not None:
+                self.bytes_by_version[version] += n
+
+        await send_frame(writer, header, payload, timeout=self.stall_timeout, limiter=self.limiter, counter=count)
+
+    def _versions(self):
+        return [[vb.version, vb.complete] for vb in self.store.versions()]
+
+    async def _manifest(self, header, writer) -> None:
+        v = header.get("v")
+        vb = self.store.latest_complete() if v is None else self.store.get(v) if isinstance(v, int) else None
+        if vb is None:
+            await self._reply(writer, error_header("unknown_version", versions=self._versions()))
+            return
+        await self._reply(writer, {"ok": True, "v": vb.version, "d": vb.digest}, vb.manifest_bytes, vb.version)
+
+    async def _have(self, header, writer) -> None:
+        v = header.get("v")
+        vb = self.store.get(v) if isinstance(v, int) else None
+        if vb is None:
+            await self._reply(writer, error_header("unknown_version", versions=self._versions()))
+            return
+        await self._reply(
+            writer,
+            {"ok": True, "v": vb.version, "d": vb.digest, "bm": vb.bitmap(), "complete": vb.complete,
+             "versions": self._versions()},
+        )
+
+    async def _chunk(self, header, writer, requester: str = "") -> None:
+        v, digest, index = header.get("v"), header.get("d"), header.get("i")
+        vb = self.store.get(v) if isinstance(v, int) else None
+        if vb is None or (digest is not None and digest != vb.digest):
+            await self._reply(writer, error_header("unknown_version", versions=self._versions()))
+            return
+        if index is not None and (not isinstance(index, int) or not 0 <= index < vb.n_chunks):
+            await self._reply(writer, error_header("bad_request", "chunk index out of range"))
+            return
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_uploads)
+        if self._peer_uploads[requester] >= self.max_uploads_per_peer:
+            self.stats.busy += 1
+            await self._reply(writer, error_header("busy", retry_after=0.5 + random.random(), bm=vb.bitmap()))
+            return
+        self._peer_uploads[requester] += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.slot_wait)
+        except asyncio.TimeoutError:
+            self._peer_uploads[requester] -= 1
+            self.stats.busy += 1
+            await self._reply(writer, error_header("busy", retry_after=0.5 + random.random(), bm=vb.bitmap()))
+            return
+        chosen = None
+        try:
+            excl = unpack_bits(header.get("excl"), vb.n_chunks) if header.get("excl") is not None else None
+            lacking = vb.have.copy() if excl is None else (vb.have & ~excl)
+            if self.rationer is not None and vb.complete:
+                self.rationer.register(vb.version, vb.n_chunks, vb.total_size)
+                if excl is None and index is not None:  # a plain request for one chunk
+                    lacking[:] = False
+                    lacking[index] = vb.have[index]
+                # with ``excl`` the requested index is only a preference: the rationer may substitute
+                chosen, retry_after = self.rationer.choose(vb.version, lacking, index, requester=requester or None)
+                if chosen is None:
+                    self.stats.rationed += 1
+                    code = "rationed" if lacking.any() else "missing"
+                    await self._reply(writer, error_header(code, retry_after=retry_after, bm=vb.bitmap()))
+                    return
+                index = chosen
+            elif index is None:
+                cand = np.flatnonzero(lacking)
+                if not len(cand):
+                    await self._reply(writer, error_header("missing", bm=vb.bitmap()))
+                    return
+                index = int(cand[random.randrange(len(cand))])
+            elif not vb.have[index]:
+                await self._reply(writer, error_header("missing", bm=vb.bitmap()))
+                return
+            data = vb.chunk_view(index)
+            if self.tamper is not None:
+                data = self.tamper(vb.version, index, data)
+            await self._reply(writer, {"ok": True, "v": vb.version, "i": index, "bm": vb.bitmap()}, data, vb.version)
+            self.stats.chunks_served += 1
+        except BaseException:
+            self.stats.failed += 1
+            if chosen is not None and self.rationer is not None:
+                self.rationer.unserve(vb.version, chosen)
+            raise
+        finally:
+            self._slots.release()
+            self._peer_uploads[requester] -= 1
+            if self._peer_uploads[requester] <= 0:
+                del self._peer_uploads[requester]

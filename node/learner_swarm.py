@@ -1,0 +1,329 @@
+"""The learner's side of the swarm: heartbeat, rollout intake, weight publishing and (rationed) chunk serving.
+
+Synchronous, thread-safe facade over a background event loop (see :mod:`node.loop`)::
+
+    swarm = LearnerSwarm(cfg, identity, validate=validator.validate, decode=decode_group).start()
+    print(swarm.join_command())
+    swarm.publish_state(version=1, tensors=model.state_dict())          # or publish(v, manifest_bytes, buffer)
+    for acc in swarm.get_rollouts(max_items=64, timeout=1.0):           # accepted, validated, deduplicated
+        train_on(acc.item)
+    swarm.shutdown()
+
+Rollout intake (``gepo-swarm/<run>/rollouts/1``): a sampler streams frames ``{op: "push"}`` + signed group, and
+gets one answer per group: ``{status: accepted | duplicate | rejected | busy, reason, retry_after, version}``.
+``duplicate`` means "already accepted earlier" (the ledger survives restarts); ``rejected`` carries the
+:class:`protocol.errors.Reason` value; ``busy`` (inbox full, validator failure) means "keep it, retry later".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from protocol.errors import ProtocolError
+from protocol.identity import Identity
+from protocol.manifest import build_manifest, decode_manifest, encode_manifest
+from protocol.records import Ed25519OwnerValidator
+
+from .chunk_server import ChunkRationer, ChunkServer
+from .config import SwarmConfig
+from .dht import SwarmNode, join_command
+from .inbox import Accepted, DurableInbox
+from .ratelimit import TokenBucket
+from .records import store_heartbeat
+from .weights_store import WeightStore
+from .wire import WireError, guarded_handler, proto_name, recv_header, recv_payload, send_frame
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 1 << 20
+
+
+class LearnerSwarm:
+    """
+    :param config: transport settings (:class:`node.config.SwarmConfig`).
+    :param identity: the learner's Ed25519 identity (default: ``Identity.load_or_create(config.key_path)``).
+    :param validate: ``validate(signed_bytes) -> item``; raise :class:`ProtocolError` to reject (the reason is sent
+        back). E.g. ``protocol.validate.RolloutValidator(...).validate``. Runs in one worker thread.
+    :param decode: rebuilds an item from signed bytes when reloading the durable inbox after a restart (default:
+        ``validate``).
+    """
+
+    def __init__(
+        self,
+        config: SwarmConfig,
+        identity: Optional[Identity] = None,
+        *,
+        validate: Callable[[bytes], Any],
+        decode: Optional[Callable[[bytes], Any]] = None,
+    ):
+        self.config = config
+        if identity is None:
+            identity = Identity.load_or_create(config.key_path) if config.key_path else Identity.generate()
+        self.identity = identity
+        self.validate = validate
+        self.decode = decode or validate
+        self.node = SwarmNode(
+            config, record_validators=[Ed25519OwnerValidator(config.run_id, identity, learner=identity.public_key)]
+        )
+        self.loop = self.node.loop
+        self.store = WeightStore(None, keep=config.keep_versions)
+        self.limiter = TokenBucket(config.upload_limit)
+        self.rationer = ChunkRationer(config.ration_interval, config.upload_limit) if config.ration else None
+        self.chunk_server = ChunkServer(
+            self.store, self.limiter, max_uploads=config.max_uploads, rpc_timeout=config.rpc_timeout,
+            stall_timeout=config.stall_timeout, rationer=self.rationer, keepalive=2 * config.rpc_timeout,
+        )
+        self.inbox = DurableInbox(config.state_dir, maxsize=config.inbox_size)
+        self._validator_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollout-validate")
+        self.counters: Counter = Counter()
+        self.rejections: Counter = Counter()
+        self.maddrs: List[str] = []
+        self._push_streams = 0
+        self._tasks: List[asyncio.Task] = []
+        self._hb_wake: Optional[asyncio.Event] = None
+        self._lock = threading.Lock()
+        self._started = False
+        self.version: Optional[int] = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def peer_id(self) -> str:
+        return str(self.node.peer_id)
+
+    @property
+    def public_key_str(self) -> str:
+        return self.identity.public_key_str
+
+    def start(self, print_join: bool = True) -> "LearnerSwarm":
+        with self._lock:
+            if self._started:
+                return self
+            self.node.start()
+            try:
+                reloaded = self.inbox.reload(self.decode)
+                if reloaded:
+                    logger.info("reloaded %d accepted rollout groups the trainer had not taken yet", reloaded)
+                self.loop.run(self._astart(), self.config.call_timeout)
+            except BaseException:
+                self.node.shutdown()
+                raise
+            self._started = True
+        if print_join:
+            print(self.join_banner(), flush=True)
+        return self
+
+    async def _astart(self) -> None:
+        p2p = self.node.p2p
+        run = self.config.run_id
+        await p2p.add_binary_stream_handler(
+            proto_name(run, "weights"), guarded_handler("weights", self.chunk_server.handle)
+        )
+        await p2p.add_binary_stream_handler(proto_name(run, "rollouts"), guarded_handler("rollouts", self._push))
+        self.maddrs = await self.node.visible_maddrs()
+        self._hb_wake = asyncio.Event()
+        await self._store_heartbeat()
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop()))
+
+    def join_command(self, program: str = "python -m node.sampler") -> str:
+        return join_command(self.maddrs, self.public_key_str, self.config.run_id, program)
+
+    def join_banner(self) -> str:
+        lines = [
+            f"[gepo-swarm] learner peer id : {self.peer_id}",
+            f"[gepo-swarm] learner key     : {self.public_key_str}",
+            "[gepo-swarm] reachable at    : " + (" ".join(self.maddrs) or "(no address)"),
+            "[gepo-swarm] samplers join with:",
+            "    " + self.join_command(),
+        ]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # heartbeat
+
+    async def _store_heartbeat(self) -> bool:
+        vb = self.store.get(self.version) if self.version is not None else None
+        ok = await store_heartbeat(
+            self.node, self.identity, run_id=self.config.run_id, peer_id=self.peer_id,
+            version=None if vb is None else vb.version, manifest_digest=None if vb is None else vb.digest,
+            manifest_size=0 if vb is None else len(vb.manifest_bytes),
+            weights_size=0 if vb is None else vb.total_size, maddrs=self.maddrs, ttl=self.config.heartbeat_ttl,
+        )
+        self.counters["heartbeats"] += 1
+        if not ok:
+            self.counters["heartbeat_store_failed"] += 1
+        return ok
+
+    async def _heartbeat_loop(self) -> None:
+        period = max(0.5, self.config.heartbeat_ttl / 3)
+        while True:
+            try:
+                await asyncio.wait_for(self._hb_wake.wait(), period)
+            except asyncio.TimeoutError:
+                pass
+            self._hb_wake.clear()
+            try:
+                await self._store_heartbeat()
+            except Exception as e:  # never let the heartbeat die
+                logger.warning("heartbeat failed: %r", e)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # publishing
+
+    def publish(self, version: int, manifest_bytes: bytes, buffer) -> None:
+        """Make ``version`` available: ``manifest_bytes`` is the signed manifest (``encode_manifest``), ``buffer``
+        the flat weight bytes it describes (kept by reference: do not modify it afterwards). Returns once the
+        heartbeat announcing it is stored (bounded by ``dht_timeout``)."""
+        manifest = decode_manifest(manifest_bytes, learner=self.identity.public_key)
+        if manifest.version != version:
+            raise ValueError(f"manifest is for version {manifest.version}, not {version}")
+        if manifest.run_id != self.config.run_id:
+            raise ValueError(f"manifest is for run {manifest.run_id!r}, not {self.config.run_id!r}")
+
+        async def _publish():
+            self.store.add_complete(manifest, manifest_bytes, buffer)
+            if self.version is None or version >= self.version:
+                self.version = version
+            await self._store_heartbeat()
+
+        self.loop.run(_publish(), self.config.call_timeout)
+        self.counters["published"] += 1
+
+    def publish_state(
+        self,
+        version: int,
+        tensors: Mapping[str, Any],
+        *,
+        files: Optional[Mapping[str, bytes]] = None,
+        meta: Optional[Mapping[str, Any]] = None,
+        parent: Optional[int] = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> bytes:
+        """Lay out ``tensors`` (+ ``files``) with :func:`protocol.manifest.build_manifest`, sign, publish.
+        Returns the signed manifest bytes."""
+        manifest, buf = build_manifest(
+            tensors, run_id=self.config.run_id, version=version, parent=parent, chunk_size=chunk_size,
+            files=files, meta=meta,
+        )
+        data = encode_manifest(manifest, self.identity)
+        self.publish(version, data, buf)
+        return data
+
+    # ------------------------------------------------------------------------------------------------------------
+    # rollouts
+
+    def get_rollouts(self, max_items: int = 64, timeout: float = 0.0) -> List[Accepted]:
+        """Accepted groups, oldest first (at most ``max_items``; waits up to ``timeout`` s for the first)."""
+        return self.inbox.get(max_items, timeout)
+
+    async def _push(self, peer_id, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cfg = self.config
+        if self._push_streams >= cfg.max_push_streams:
+            self.counters["push_streams_refused"] += 1
+            await send_frame(writer, {"status": "busy", "retry_after": 2.0, "version": self.version},
+                             timeout=cfg.rpc_timeout)
+            return
+        self._push_streams += 1
+        try:
+            while True:
+                try:
+                    header, plen = await recv_header(reader, timeout=cfg.rpc_timeout, max_payload=1 << 40)
+                except WireError as e:
+                    if e.eof:
+                        return
+                    raise
+                if header.get("op") != "push":
+                    await send_frame(writer, {"status": "rejected", "reason": "bad_request"}, timeout=cfg.rpc_timeout)
+                    return
+                if plen > cfg.max_group_bytes:
+                    self.rejections["oversize"] += 1
+                    await send_frame(
+                        writer, {"status": "rejected", "reason": "oversize", "version": self.version,
+                                 "detail": f"{plen} bytes > {cfg.max_group_bytes}"}, timeout=cfg.rpc_timeout,
+                    )
+                    return
+                payload = await recv_payload(reader, plen, timeout=cfg.stall_timeout)
+                answer = await self._accept(payload, str(peer_id))
+                answer["version"] = self.version
+                await send_frame(writer, answer, timeout=cfg.rpc_timeout)
+        finally:
+            self._push_streams -= 1
+
+    async def _accept(self, payload: bytes, sender: str) -> Dict[str, Any]:
+        digest = hashlib.sha256(payload).digest()
+        if self.inbox.seen(digest):
+            self.counters["duplicate"] += 1
+            return {"status": "duplicate"}
+        if self.inbox.full():
+            self.counters["busy"] += 1
+            return {"status": "busy", "retry_after": 1.0}
+        loop = asyncio.get_running_loop()
+        try:
+            item = await asyncio.wait_for(
+                loop.run_in_executor(self._validator_pool, self.validate, payload), self.config.rpc_timeout
+            )
+        except ProtocolError as e:
+            reason = getattr(e.reason, "value", str(e.reason))
+            self.rejections[reason] += 1
+            self.counters["rejected"] += 1
+            return {"status": "rejected", "reason": reason, "detail": str(e.detail)[:200]}
+        except asyncio.TimeoutError:
+            self.counters["busy"] += 1
+            return {"status": "busy", "retry_after": 5.0}
+        except Exception as e:
+            logger.exception("the rollout validator failed (the group is kept by the sender): %r", e)
+            self.counters["validator_errors"] += 1
+            return {"status": "busy", "retry_after": 5.0}
+        if not self.inbox.put(Accepted(item, payload, digest, sender, time.time())):
+            self.counters["duplicate"] += 1
+            return {"status": "duplicate"}
+        self.counters["accepted"] += 1
+        return {"status": "accepted"}
+
+    # ------------------------------------------------------------------------------------------------------------
+    def stats(self) -> Dict[str, Any]:
+        s = self.chunk_server.stats
+        return {
+            "version": self.version,
+            **dict(self.counters),
+            "rejections": dict(self.rejections),
+            "inbox": self.inbox.qsize(),
+            "bytes_uploaded": self.limiter.total_bytes,
+            "chunks_served": s.chunks_served,
+            "upload_by_version": dict(self.chunk_server.bytes_by_version),
+            "busy_answers": s.busy,
+            "rationed_answers": s.rationed,
+        }
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if not self._started:
+                return
+            self._started = False
+
+        async def _stop():
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        try:
+            self.loop.run(_stop(), 5)
+        except Exception:
+            pass
+        self.node.shutdown()
+        self._validator_pool.shutdown(wait=False, cancel_futures=True)
+        self.inbox.close()
+        self.store.close()
+
+    def __enter__(self) -> "LearnerSwarm":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

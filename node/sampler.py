@@ -1,0 +1,254 @@
+"""`python -m node.sampler --peers <multiaddr>`: a volunteer that generates rollouts for the swarm's learner.
+
+It needs nothing but a peers address: model config, tokenizer, weights and the prompt set (questions only) all come
+from the swarm. Each group's prompt is assigned, not chosen: a hash of this sampler's key and the group's sequence
+number picks the dataset index, and the learner re-checks it. Completions carry the per-token log-probs of the
+temperature-scaled distribution they were drawn from and the policy version that drew them.
+
+`--simulate-delay lognormal|weibull` reproduces the GEPO paper's heterogeneous samplers: before each batch a new
+delay d is drawn, and the sampler switches to the newest version only if its current one was loaded more than d
+seconds ago.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gepo.data import assign_prompt_index, format_prompt
+from gepo.delays import DELAY_KINDS, DelayModel
+from gepo.sampling import GeneratedGroup, SamplingParams, generate_groups
+from node.dht import BootstrapError, ConfigError
+from node.cli import add_dataclass_args, dataclass_from_args, option, parse_with_recipe
+from node.metrics import GracefulStop, StatusLine, quiet_transformers
+from node.model_io import (ModelLoadError, load_weights, model_from_manifest, read_run_file, resolve_device,
+                           resolve_dtype)
+from node.run_info import RunInfo
+from protocol import rollout as wire
+
+log = logging.getLogger("node.sampler")
+
+
+@dataclass
+class SamplerConfig:
+    backend: str = option("hf", "generation backend: hf (transformers, CPU or CUDA) or vllm (GPU, if installed)",
+                          choices=("hf", "vllm"))
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = option("auto", "float32, bfloat16, float16 or auto (bf16 on a GPU that has it, else fp32)")
+    batch_prompts: int = option(4, "prompts generated together, each with the learner's G completions")
+    simulate_delay: str = option("none", "simulate a slow node (the GEPO paper's delay model)", choices=DELAY_KINDS)
+    delay_lower: float = option(60.0, "simulated delay: lower bound in seconds (fixed: the delay itself)")
+    delay_upper: float = option(1920.0, "simulated delay: upper bound in seconds")
+    delay_offset: float = option(400.0, "simulated delay: d = clip(T - offset, lower, upper) as in the paper")
+    wait_learner: float = option(60.0, "seconds to wait for the learner's heartbeat at start")
+    wait_weights: float = option(300.0, "seconds to wait for the first complete policy version")
+    max_groups: int = option(0, "stop after sending this many groups (0: run until interrupted)")
+    max_outbox_wait: float = option(600.0, "seconds to wait for room when the outbox is full before giving up")
+    gpu_memory_utilization: float = option(0.5, "vllm: share of GPU memory for weights and KV cache")
+    seed: int = option(0, "sampling seed (combined with the sequence number)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from node.config import SwarmConfig
+
+    parser = argparse.ArgumentParser(
+        prog="python -m node.sampler",
+        description="A gepo-swarm sampler: fetches the policy from the swarm, generates signed rollout groups and "
+                    "delivers them to the learner. Needs only --peers.",
+    )
+    parser.add_argument("--config", default=None, metavar="RECIPE.yaml",
+                        help="YAML recipe of option values (keys are option names); flags given here win")
+    parser.add_argument("--log-level", default="INFO", help="logging level")
+    add_dataclass_args(parser, SamplerConfig, "sampler")
+    SwarmConfig.add_argparse_args(parser)
+    return parser
+
+
+class SequenceCounter:
+    """Per-identity sequence numbers that survive restarts (the learner rejects a reused one as a replay)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.next = int(path.read_text()) if path is not None and path.is_file() else 0
+
+    def take(self, n: int) -> list[int]:
+        seqs = list(range(self.next, self.next + n))
+        self.next += n
+        if self.path is not None:  # written before use: a crash skips numbers, never repeats them
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(str(self.next))
+            os.replace(tmp, self.path)
+        return seqs
+
+
+class HFBackend:
+    """transformers generation through gepo.sampling (CPU or CUDA)."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+    def load(self, manifest: Any, buffer: Any) -> None:
+        load_weights(self.model, manifest, buffer)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GeneratedGroup]:
+        with torch.no_grad():
+            return generate_groups(self.model, prompts, params, eos=self.tokenizer,
+                                   pad_token_id=self.tokenizer.pad_token_id)
+
+
+class Sampler:
+    def __init__(self, cfg: SamplerConfig, swarm_cfg: Any, stop: GracefulStop | None = None) -> None:
+        from node.sampler_swarm import SamplerSwarm
+
+        self.cfg = cfg
+        self.swarm_cfg = swarm_cfg
+        self.state_dir = Path(swarm_cfg.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.swarm = SamplerSwarm(swarm_cfg)
+        self.seqs = SequenceCounter(self.state_dir / "sequence.txt")
+        self.delay = DelayModel(cfg.simulate_delay, cfg.delay_lower, cfg.delay_upper, cfg.delay_offset)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.status = StatusLine()
+        self.version: int | None = None
+        self.loaded_at = 0.0
+        self.sent = 0
+        self.backend: Any = None
+        self.info: RunInfo | None = None
+        self.stop = stop or GracefulStop()
+
+    def start(self) -> None:
+        try:
+            self.swarm.start(wait_for_learner=self.cfg.wait_learner)
+        except TimeoutError:
+            raise TimeoutError(f"no learner found within {self.cfg.wait_learner:.0f}s through "
+                               f"{' '.join(self.swarm_cfg.peers) or '(no --peers given)'}: is the address right and "
+                               f"the learner running with the same --run-id ({self.swarm_cfg.run_id!r})?") from None
+        log.info("joined as %s; learner %s", self.swarm.public_key_str, self.swarm.learner_key)
+        version = self.swarm.wait_for_version(timeout=self.cfg.wait_weights)
+        if version is None:
+            raise TimeoutError(f"no complete policy version arrived within {self.cfg.wait_weights:.0f}s")
+        self._load_first(version)
+
+    def _load_first(self, version: int) -> None:
+        manifest, buffer = self.swarm.get_weights(version)
+        self.info = RunInfo.from_json(read_run_file(manifest, buffer))
+        device = resolve_device(self.cfg.device)
+        dtype = resolve_dtype(self.cfg.dtype, device)
+        model, tokenizer = model_from_manifest(manifest, buffer, self.state_dir / "model", device, dtype)
+        if self.cfg.backend == "vllm":
+            from node.vllm_backend import VLLMBackend
+
+            self.backend = VLLMBackend(self.state_dir / "model", model, tokenizer, manifest, buffer,
+                                       gpu_memory_utilization=self.cfg.gpu_memory_utilization)
+        else:
+            self.backend = HFBackend(model, tokenizer)
+        self.tokenizer = tokenizer
+        self.version, self.loaded_at = version, time.monotonic()
+        log.info("policy version %d loaded (%d prompts, G=%d, temperature %.2f)", version, len(self.info.prompts),
+                 self.info.group_size, self.info.temperature)
+
+    def maybe_switch(self) -> None:
+        """Take the newest version, unless the simulated delay says this node has not caught up yet."""
+        newest = self.swarm.latest_version()
+        if newest is None or self.version is None or newest <= self.version:
+            return
+        delay = float(self.delay.sample(self.rng))
+        if time.monotonic() - self.loaded_at < delay:
+            return
+        try:
+            manifest, buffer = self.swarm.get_weights(newest)
+        except KeyError:  # pruned between the two calls; the next batch picks up whatever is newest then
+            return
+        self.backend.load(manifest, buffer)
+        self.version, self.loaded_at = newest, time.monotonic()
+        log.debug("switched to policy version %d", newest)
+
+    def step(self) -> int:
+        """Generate one batch of groups and hand them to the outbox; returns how many were sent."""
+        assert self.info is not None and self.version is not None
+        self.maybe_switch()
+        n_prompts = len(self.info.prompts)
+        seqs = self.seqs.take(self.cfg.batch_prompts)
+        indices = [assign_prompt_index(self.swarm.identity.public_key, s, n_prompts) for s in seqs]
+        prompts = [format_prompt(self.tokenizer, self.info.prompts[i], self.info.system_prompt) for i in indices]
+        params = self.info.sampling_params(seed=self.cfg.seed * 1_000_003 + seqs[0])
+        started = time.time()
+        groups = self.backend.generate(prompts, params)
+        finished = time.time()
+        sampling = wire.SamplingParams(temperature=params.temperature, top_p=params.top_p,
+                                       top_k=params.top_k if params.top_k > 0 else -1,
+                                       max_tokens=params.max_new_tokens)
+        for seq, index, gen in zip(seqs, indices, groups):
+            group = wire.RolloutGroup.from_completions(
+                run_id=self.info.run_id, seq=seq, policy_version=self.version, prompt_index=index,
+                prompt_ids=gen.prompt_ids, completions=gen.completion_ids, logprobs=gen.logprobs, sampling=sampling,
+                started_at=started, finished_at=finished,
+            )
+            self.swarm.submit(wire.encode_group(group, self.swarm.identity), timeout=self.cfg.max_outbox_wait)
+        self.sent += len(groups)
+        return len(groups)
+
+    def run(self) -> None:
+        self.start()
+        while (not self.cfg.max_groups or self.sent < self.cfg.max_groups) and not self.stop.requested:
+            self.step()
+            s = self.swarm.stats()
+            learner_v = s.get("learner_version")
+            lag = (learner_v - self.version) if learner_v is not None else 0
+            self.status.update(
+                f"v{self.version} (learner v{learner_v}, lag {lag}) sent {self.sent} accepted {s.get('accepted', 0)}"
+                f" rejected {sum(s.get('rejections', {}).values())} outbox {s.get('outbox', 0)}"
+                f" down {s.get('bytes_down', 0) >> 20} MB up {s.get('bytes_uploaded', 0) >> 20} MB"
+            )
+        # Let the outbox drain before leaving, bounded (what stays is persisted and sent on the next start).
+        deadline = time.monotonic() + (2 if self.stop.requested else 30)
+        while self.swarm.stats().get("outbox", 0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.status.close()
+        self.swarm.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from node.config import SwarmConfig
+
+    args = parse_with_recipe(build_parser(), argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_transformers()
+    stop = GracefulStop().install()
+    try:
+        cfg = dataclass_from_args(SamplerConfig, args)
+        swarm_cfg = SwarmConfig.from_args(args)
+        if swarm_cfg.state_dir is None:
+            home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+            swarm_cfg = swarm_cfg.replace(state_dir=str(home / "gepo-swarm" / f"sampler-{swarm_cfg.run_id}"))
+        swarm_cfg = swarm_cfg.with_defaults_for_state_dir()
+        sampler = Sampler(cfg, swarm_cfg, stop=stop)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        sampler.run()
+    except KeyboardInterrupt:
+        return 130
+    except (TimeoutError, ModelLoadError, ConfigError, BootstrapError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        sampler.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,632 @@
+"""The sampler's side of the swarm: find and trust the learner, deliver rollouts, fetch and share weights.
+
+Synchronous, thread-safe facade over a background event loop (see :mod:`node.loop`)::
+
+    swarm = SamplerSwarm(cfg).start()                     # joins, finds the learner (--learner-key or TOFU)
+    v = swarm.wait_for_version(timeout=600)               # newest complete local version
+    manifest, buf = swarm.get_weights(v)                  # read-only view; torch_state_dict(manifest, buf)
+    swarm.submit(encode_group(group, swarm.identity))     # persisted in the outbox, delivered in background
+    swarm.shutdown()
+
+Background tasks (all in the swarm loop): the learner watcher (reads the signed heartbeat every
+``poll_interval``), the sender (outbox -> learner with back-off), the version manager (starts a
+:class:`~node.fetcher.VersionFetcher` when the learner announces a version newer than what we hold), the announcer
+(signed ``ChunkHave`` records for what we hold, ``SamplerStatus`` status line), and the chunk server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from hivemind.p2p import PeerID
+
+from protocol.errors import ProtocolError
+from protocol.identity import Identity, parse_public_key, format_public_key
+from protocol.manifest import WeightManifest, decode_manifest
+from protocol.records import Ed25519OwnerValidator, LearnerHeartbeat
+
+from .chunk_server import ChunkServer
+from .config import SwarmConfig
+from .dht import SwarmNode
+from .fetcher import Blacklist, FetchStats, VersionFetcher
+from .outbox import Outbox, OutboxFull
+from .ratelimit import TokenBucket
+from .records import read_haves, read_heartbeats, store_have, store_status
+from .weights_store import VersionBuffer, WeightStore, unpack_bits
+from .wire import (
+    RemoteError,
+    WireError,
+    close_writer,
+    guarded_handler,
+    open_stream,
+    proto_name,
+    recv_frame,
+    recv_header,
+    send_frame,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SamplerSwarm", "LearnerInfo", "OutboxFull"]
+
+TRUST_FILE = "trusted_learner.txt"
+PUSH_BATCH = 32
+
+
+@dataclass
+class LearnerInfo:
+    key: bytes
+    peer_id: str
+    version: Optional[int]  # None until the learner has published weights
+    manifest_digest: bytes
+    weights_size: int
+    maddrs: Tuple[str, ...]
+    time: float
+
+
+class SamplerSwarm:
+    """
+    :param config: transport settings; ``learner_key`` pins the learner (else trust on first use).
+    :param identity: the sampler's Ed25519 identity (default: ``Identity.load_or_create(config.key_path)``,
+        or a fresh in-memory one without ``key_path``).
+    :param on_version: ``fn(version)`` called (in the swarm loop thread - keep it quick) when a version is ready.
+    """
+
+    def __init__(
+        self,
+        config: SwarmConfig,
+        identity: Optional[Identity] = None,
+        *,
+        on_version: Optional[Callable[[int], None]] = None,
+    ):
+        self.config = config
+        if identity is None:
+            identity = Identity.load_or_create(config.key_path) if config.key_path else Identity.generate()
+        self.identity = identity
+        self.on_version = on_version
+        self.trusted_key: Optional[bytes] = parse_public_key(config.learner_key) if config.learner_key else None
+        if self.trusted_key is None:
+            self.trusted_key = self._load_trust_file()
+        self.pinned = config.learner_key is not None
+        self.node = SwarmNode(
+            config,
+            record_validators=[
+                Ed25519OwnerValidator(config.run_id, identity, learner=self.trusted_key if self.pinned else None)
+            ],
+        )
+        self.loop = self.node.loop
+        self.store = WeightStore(config.weights_dir, keep=config.keep_versions)
+        self.outbox = Outbox(config.outbox_dir, config.max_outbox_items, config.max_outbox_bytes)
+        self.limiter = TokenBucket(config.upload_limit)
+        self.chunk_server = ChunkServer(
+            self.store, self.limiter, max_uploads=config.max_uploads, rpc_timeout=config.rpc_timeout,
+            stall_timeout=config.stall_timeout, keepalive=2 * config.rpc_timeout,
+        )
+        self.serving = config.swarming and not config.client_mode
+        self.blacklist = Blacklist()
+        self.fetch_stats = FetchStats()
+        self.counters: Counter = Counter()
+        self.rejections: Counter = Counter()
+        self.learner: Optional[LearnerInfo] = None
+        self.maddrs: List[str] = []
+        self.ready: "queue.Queue[int]" = queue.Queue()
+        self._ready_cond = threading.Condition()
+        self._fetcher: Optional[VersionFetcher] = None
+        self._fetch_task: Optional[asyncio.Task] = None
+        self._tasks: List[asyncio.Task] = []
+        self._send_wake: Optional[asyncio.Event] = None
+        self._manager_wake: Optional[asyncio.Event] = None
+        self._watch_wake: Optional[asyncio.Event] = None
+        self._announce_wake: Optional[asyncio.Event] = None
+        self._store_loaded = False
+        self._lock = threading.Lock()
+        self._started = False
+        self.version_times: Dict[int, float] = {}
+        self.outbox.add_listener(self._on_outbox_put)
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def peer_id(self) -> str:
+        return str(self.node.peer_id)
+
+    @property
+    def public_key_str(self) -> str:
+        return self.identity.public_key_str
+
+    @property
+    def learner_key(self) -> Optional[str]:
+        return None if self.trusted_key is None else format_public_key(self.trusted_key)
+
+    def start(self, wait_for_learner: Optional[float] = None) -> "SamplerSwarm":
+        """Join the swarm and start the background tasks. With ``wait_for_learner``, also wait up to that many
+        seconds for the learner's heartbeat (raises TimeoutError if none)."""
+        with self._lock:
+            if not self._started:
+                self.node.start()
+                try:
+                    if self.trusted_key is not None:
+                        self._load_store()
+                    self.loop.run(self._astart(), self.config.call_timeout)
+                except BaseException:
+                    self.node.shutdown()
+                    raise
+                self._started = True
+        if wait_for_learner:
+            deadline = time.monotonic() + wait_for_learner
+            while self.learner is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no learner heartbeat found within {wait_for_learner:.0f} s")
+                time.sleep(0.05)
+        return self
+
+    async def _astart(self) -> None:
+        run = self.config.run_id
+        if self.serving:
+            await self.node.p2p.add_binary_stream_handler(
+                proto_name(run, "weights"), guarded_handler("weights", self.chunk_server.handle)
+            )
+        self.maddrs = await self.node.visible_maddrs()
+        self._send_wake = asyncio.Event()
+        self._manager_wake = asyncio.Event()
+        self._watch_wake = asyncio.Event()
+        self._announce_wake = asyncio.Event()
+        if len(self.outbox):
+            self._send_wake.set()
+        for coro in (self._watch_loop(), self._send_loop(), self._manager_loop(), self._announce_loop()):
+            self._tasks.append(asyncio.create_task(coro))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # trust
+
+    def _trust_path(self) -> Optional[str]:
+        return os.path.join(self.config.state_dir, TRUST_FILE) if self.config.state_dir else None
+
+    def _load_trust_file(self) -> Optional[bytes]:
+        path = self._trust_path()
+        if path and os.path.exists(path):
+            try:
+                key = parse_public_key(open(path).read().strip())
+                logger.info("trusting the learner key remembered in %s: %s", path, format_public_key(key))
+                return key
+            except ProtocolError as e:
+                logger.warning("ignoring %s: %s", path, e)
+        return None
+
+    def _trust_on_first_use(self, key: bytes) -> None:
+        self.trusted_key = key
+        text = format_public_key(key)
+        msg = (
+            "\n" + "!" * 100 + "\n"
+            f"WARNING: no --learner-key given: trusting the first learner found, {text}\n"
+            "WARNING: anyone can announce a learner. To be sure, restart with\n"
+            f"WARNING:     --learner-key {text}\n" + "!" * 100
+        )
+        logger.warning(msg)
+        print(msg, file=sys.stderr, flush=True)
+        path = self._trust_path()
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text + "\n")
+
+    def _load_store(self) -> None:
+        if self._store_loaded:
+            return
+        self._store_loaded = True
+        self.store.load(lambda data: decode_manifest(data, learner=self.trusted_key))
+        latest = self.store.latest_version()
+        if latest is not None:
+            self._set_ready(latest, announce=False)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # learner discovery
+
+    async def _watch_loop(self) -> None:
+        misses = 0
+        while True:
+            try:
+                found = await self._poll_learner()
+                misses = 0 if found else misses + 1
+                if misses and misses % 5 == 0:
+                    logger.info("no learner heartbeat for %d polls; re-dialing bootstrap peers", misses)
+                    await self.node.rejoin()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                logger.warning("learner lookup failed: %r", e)
+            try:
+                await asyncio.wait_for(self._watch_wake.wait(), self.config.poll_interval)
+            except asyncio.TimeoutError:
+                pass
+            self._watch_wake.clear()
+
+    async def _poll_learner(self) -> bool:
+        records = await read_heartbeats(self.node, self.config.run_id, learner=self.trusted_key)
+        if self.trusted_key is not None:
+            rec = records.get(self.trusted_key)
+            if rec is None:
+                return False
+            key = self.trusted_key
+        else:
+            if not records:
+                return False
+            key, rec = max(records.items(), key=lambda kv: kv[1].time)
+            self._trust_on_first_use(key)
+            self._load_store()
+        self._update_learner(key, rec)
+        return True
+
+    def _update_learner(self, key: bytes, rec: LearnerHeartbeat) -> None:
+        old = self.learner
+        has_weights = rec.manifest_size > 0
+        info = LearnerInfo(
+            key=key, peer_id=rec.peer_id, version=rec.policy_version if has_weights else None,
+            manifest_digest=rec.manifest_digest, weights_size=rec.weights_size, maddrs=tuple(rec.multiaddrs),
+            time=rec.time,
+        )
+        if old is not None and info.time < old.time:
+            return  # an older copy of the record
+        self.learner = info
+        if old is None or old.peer_id != info.peer_id or old.maddrs != info.maddrs:
+            logger.info("learner %s at %s", info.peer_id, " ".join(info.maddrs))
+            self._send_wake.set()
+            if self._fetcher is not None:
+                self._fetcher.set_learner(PeerID.from_base58(info.peer_id), info.maddrs)
+        if info.version is not None and (old is None or old.version != info.version):
+            self._manager_wake.set()
+
+    def _learner_peer(self) -> Optional[Tuple[PeerID, List[str]]]:
+        info = self.learner
+        if info is None:
+            return None
+        return PeerID.from_base58(info.peer_id), list(info.maddrs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # rollouts
+
+    def submit(self, payload: bytes, timeout: float = 0.0) -> int:
+        """Persist a signed group in the outbox for delivery; returns its outbox sequence number.
+        Raises :class:`OutboxFull` if there is no room within ``timeout`` seconds."""
+        if len(payload) > self.config.max_group_bytes:
+            raise ValueError(f"group of {len(payload)} bytes exceeds max_group_bytes={self.config.max_group_bytes}")
+        seq = self.outbox.put(payload, timeout=timeout)
+        self.counters["submitted"] += 1
+        return seq
+
+    def _on_outbox_put(self) -> None:
+        if self._send_wake is not None:
+            self.loop.call_soon(self._send_wake.set)
+
+    async def _send_loop(self) -> None:
+        cfg = self.config
+        backoff = cfg.retry_min
+        while True:
+            if not len(self.outbox) or self.learner is None:
+                self._send_wake.clear()
+                try:
+                    await asyncio.wait_for(self._send_wake.wait(), 5.0)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            try:
+                retry_after = await self._deliver_batch()
+                backoff = cfg.retry_min
+                if retry_after:
+                    await asyncio.sleep(retry_after)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.counters["send_failures"] += 1
+                delay = backoff * (0.5 + random.random())
+                logger.info("delivering rollouts failed (%s); retrying in %.1f s", e, delay)
+                backoff = min(cfg.retry_max, backoff * 2)
+                self._watch_wake.set()  # re-read the heartbeat: the learner may have moved
+                await asyncio.sleep(delay)
+
+    async def _deliver_batch(self) -> float:
+        """Send up to PUSH_BATCH groups over one stream; returns a server-requested pause (0 if none)."""
+        cfg = self.config
+        batch = self.outbox.peek(PUSH_BATCH)
+        if not batch:
+            return 0.0
+        peer = self._learner_peer()
+        if peer is None:
+            return 1.0
+        peer_id, maddrs = peer
+        await self.node.connect(peer_id, maddrs)
+        reader, writer = await open_stream(self.node.p2p, peer_id, proto_name(cfg.run_id, "rollouts"),
+                                           timeout=cfg.connect_timeout)
+        try:
+            for seq, payload in batch:
+                try:
+                    await send_frame(writer, {"op": "push"}, payload, timeout=cfg.stall_timeout)
+                except WireError:
+                    pass  # the learner may have answered and closed (e.g. oversize); read its answer below
+                answer, _ = await recv_frame(reader, timeout=cfg.rpc_timeout, max_payload=0)
+                status = answer.get("status")
+                v = answer.get("version")
+                if isinstance(v, int) and self.learner is not None and (self.learner.version or -1) < v:
+                    self._watch_wake.set()  # the learner has a newer version than its record we read
+                if status in ("accepted", "duplicate"):
+                    self.outbox.remove(seq)
+                    self.counters[status] += 1
+                elif status == "rejected":
+                    self.outbox.remove(seq)
+                    reason = str(answer.get("reason", "unknown"))[:64]
+                    self.counters["rejected"] += 1
+                    self.rejections[reason] += 1
+                    logger.warning("the learner rejected rollout group #%d: %s %s", seq, reason,
+                                   str(answer.get("detail", ""))[:200])
+                elif status == "busy":
+                    self.counters["busy"] += 1
+                    ra = answer.get("retry_after")
+                    return float(ra) if isinstance(ra, (int, float)) and 0 < ra <= 60 else 1.0
+                else:
+                    raise WireError(f"unexpected answer {str(status)[:32]!r}")
+        finally:
+            await close_writer(writer)
+        return 0.0
+
+    # ------------------------------------------------------------------------------------------------------------
+    # weights
+
+    async def _manager_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._manager_wake.wait(), 2.0)
+            except asyncio.TimeoutError:
+                pass
+            self._manager_wake.clear()
+            try:
+                self._maybe_start_fetch()
+            except Exception as e:  # pragma: no cover
+                logger.warning("version manager: %r", e)
+
+    def _maybe_start_fetch(self) -> None:
+        info = self.learner
+        if info is None or info.version is None or self.trusted_key is None:
+            return
+        target = info.version
+        local = self.store.latest_version()
+        if local is not None and local >= target:
+            return
+        if self._fetch_task is not None and not self._fetch_task.done():
+            f = self._fetcher
+            current = getattr(self, "_fetch_version", None)
+            if current == target:
+                return
+            stalled = f is not None and time.monotonic() - f.last_progress > max(30.0, 2 * self.config.stall_timeout)
+            if not stalled:
+                return  # finish the current download first (guarantees progress when versions come fast)
+            logger.info("download of version %s stalled; switching to version %d", current, target)
+            self._fetch_task.cancel()
+        self._fetch_version = target
+        self._fetch_task = asyncio.create_task(self._fetch(target, info.manifest_digest))
+
+    async def _fetch(self, version: int, digest: bytes) -> None:
+        t0 = time.monotonic()
+        try:
+            data = await self._get_manifest(version, digest)
+            manifest = decode_manifest(data, learner=self.trusted_key, expected_digest=digest)
+            if manifest.run_id != self.config.run_id or manifest.version != version:
+                raise ValueError(f"manifest is for run {manifest.run_id!r} version {manifest.version}")
+            vb = self.store.open_download(manifest, data)
+            vb.add_listener(lambda _i: self._announce_wake.set())
+            self._announce_wake.set()
+            if not vb.have.all():
+                fetcher = VersionFetcher(
+                    node=self.node, proto=proto_name(self.config.run_id, "weights"), vb=vb,
+                    learner=self._learner_peer(), discover=lambda: self._discover(version), config=self.config,
+                    blacklist=self.blacklist, stats=self.fetch_stats, self_peer_id=self.peer_id,
+                )
+                self._fetcher = fetcher
+                await fetcher.run()
+            self.store.finalize(version)
+            self.version_times[version] = time.monotonic() - t0
+            logger.info("version %d ready (%d bytes, %.2f s)", version, vb.total_size, time.monotonic() - t0)
+            self._set_ready(version)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.counters["fetch_failures"] += 1
+            logger.warning("fetching version %d failed: %r; will retry", version, e)
+            await asyncio.sleep(1.0)
+        finally:
+            self._fetcher = None
+            self._manager_wake.set()
+
+    async def _get_manifest(self, version: int, digest: bytes) -> bytes:
+        cfg = self.config
+        sources: List[Tuple[PeerID, List[str]]] = []
+        learner = self._learner_peer()
+        if learner is not None:
+            sources.append(learner)
+        deadline = time.monotonic() + cfg.call_timeout * 4
+        attempt = 0
+        while time.monotonic() < deadline:
+            if attempt > 0 or not sources:
+                found = await self._discover(version)
+                sources = ([learner] if learner else []) + [(p, m) for p, m, _ in found if p not in self.blacklist]
+            for peer_id, maddrs in sources:
+                try:
+                    await self.node.connect(peer_id, maddrs)
+                    reader, writer = await open_stream(self.node.p2p, peer_id, proto_name(cfg.run_id, "weights"),
+                                                       timeout=cfg.connect_timeout)
+                    try:
+                        await send_frame(writer, {"op": "manifest", "v": version}, timeout=cfg.rpc_timeout)
+                        header, data = await recv_frame(reader, timeout=cfg.rpc_timeout,
+                                                        max_payload=cfg.max_manifest_bytes)
+                    finally:
+                        await close_writer(writer)
+                    if header.get("ok") is True and header.get("d") == digest:
+                        return data
+                except (WireError, RemoteError, OSError, asyncio.TimeoutError) as e:
+                    logger.debug("manifest %d from %s failed: %s", version, peer_id, e)
+            attempt += 1
+            await asyncio.sleep(min(5.0, 0.5 * attempt))
+        raise TimeoutError(f"could not get the manifest of version {version}")
+
+    async def _discover(self, version: int):
+        haves = await read_haves(self.node, self.config.run_id, version)
+        out = []
+        for owner, rec in haves.items():
+            if owner == self.identity.public_key:
+                continue
+            try:
+                pid = PeerID.from_base58(rec.peer_id)
+            except Exception:
+                continue
+            bits = unpack_bits(rec.bitmap, rec.n_chunks)
+            out.append((pid, list(rec.multiaddrs), bits))
+        return out
+
+    def _set_ready(self, version: int, announce: bool = True) -> None:
+        with self._ready_cond:
+            self._ready_cond.notify_all()
+        self.ready.put(version)
+        self.counters["versions"] += 1
+        if self._announce_wake is not None:
+            self._announce_wake.set()
+        if self.on_version is not None:
+            try:
+                self.on_version(version)
+            except Exception:
+                logger.exception("on_version callback failed")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # announcements
+
+    async def _announce_loop(self) -> None:
+        cfg = self.config
+        last_sent: Dict[int, Tuple[int, float]] = {}
+        last_status = -1e9
+        while True:
+            try:
+                await asyncio.wait_for(self._announce_wake.wait(), cfg.peer_record_ttl / 3)
+            except asyncio.TimeoutError:
+                pass
+            self._announce_wake.clear()
+            now = time.monotonic()
+            try:
+                if self.serving:
+                    for vb in self.store.versions():
+                        n = vb.n_have  # announced from the start (n = 0): peers find each other at once
+                        prev = last_sent.get(vb.version)
+                        if prev is None or now - prev[1] >= cfg.peer_record_ttl / 3 or (
+                            prev[0] != n and now - prev[1] >= 1.0
+                        ):
+                            await store_have(
+                                self.node, self.identity, run_id=cfg.run_id, peer_id=self.peer_id,
+                                version=vb.version, n_chunks=vb.n_chunks, bitmap=vb.bitmap(), maddrs=self.maddrs,
+                                ttl=cfg.peer_record_ttl,
+                            )
+                            last_sent[vb.version] = (n, now)
+                if now - last_status >= cfg.peer_record_ttl / 3:
+                    last_status = now
+                    await store_status(
+                        self.node, self.identity, run_id=cfg.run_id, peer_id=self.peer_id,
+                        version=self.store.latest_version(), counters=self._status_counters(), ttl=cfg.peer_record_ttl,
+                    )
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                logger.debug("announce failed: %r", e)
+            if self._fetcher is not None:
+                await asyncio.sleep(1.0)  # at most one have-record update per second while downloading
+                self._announce_wake.set()
+            elif self._fetch_task is not None and not self._fetch_task.done():
+                await asyncio.sleep(0.05)
+
+    def _status_counters(self) -> Dict[str, int]:
+        c = self.counters
+        return {
+            "submitted": c["submitted"], "accepted": c["accepted"] + c["duplicate"], "rejected": c["rejected"],
+            "outbox": len(self.outbox), "versions": c["versions"],
+            "up_mb": self.limiter.total_bytes >> 20, "down_mb": self.fetch_stats.bytes_down >> 20,
+        }
+
+    # ------------------------------------------------------------------------------------------------------------
+    # weights API for the program
+
+    def latest_version(self) -> Optional[int]:
+        """Newest version held completely (verified), or None."""
+        return self.store.latest_version()
+
+    def wait_for_version(self, min_version: Optional[int] = None, timeout: float = 0.0) -> Optional[int]:
+        """Block until a complete version ``>= min_version`` (any, if None) is held; returns it, or None on
+        timeout."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._ready_cond:
+            while True:
+                v = self.store.latest_version()
+                if v is not None and (min_version is None or v >= min_version):
+                    return v
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._ready_cond.wait(min(left, 0.5))
+
+    def get_weights(self, version: Optional[int] = None) -> Tuple[WeightManifest, memoryview]:
+        """``(manifest, read-only buffer)`` of a complete version (default: newest). Convert with
+        ``protocol.manifest.torch_state_dict(manifest, buffer)`` (copies). Raises KeyError if not held."""
+        vb = self.store.latest_complete() if version is None else self.store.get(version)
+        if vb is None or not vb.complete:
+            raise KeyError(f"version {version} is not held completely")
+        return vb.manifest, vb.readonly_view()
+
+    def learner_version(self) -> Optional[int]:
+        """The newest version the learner announced (None before its first publish or before it was found)."""
+        return None if self.learner is None else self.learner.version
+
+    def stats(self) -> Dict[str, Any]:
+        f = self.fetch_stats
+        return {
+            **dict(self.counters),
+            "rejections": dict(self.rejections),
+            "outbox": len(self.outbox),
+            "version": self.store.latest_version(),
+            "learner_version": self.learner_version(),
+            "bytes_down": f.bytes_down,
+            "chunks_from_learner": f.chunks_from_learner,
+            "chunks_from_peers": f.chunks_from_peers,
+            "bad_chunks": f.bad_chunks,
+            "blacklisted": self.blacklist.entries(),
+            "bytes_uploaded": self.limiter.total_bytes,
+            "chunks_served": self.chunk_server.stats.chunks_served,
+            "version_times": dict(self.version_times),
+        }
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if not self._started:
+                return
+            self._started = False
+
+        async def _stop():
+            tasks = list(self._tasks) + ([self._fetch_task] if self._fetch_task else [])
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self.loop.run(_stop(), 5)
+        except Exception:
+            pass
+        self.node.shutdown()
+        self.store.close()
+
+    def __enter__(self) -> "SamplerSwarm":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
