@@ -36,21 +36,43 @@ def _checkpoints(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _is_deepspeed(accelerator: Any) -> bool:
+    return accelerator is not None and str(accelerator.distributed_type).endswith("DEEPSPEED")
+
+
+def _barrier(accelerator: Any) -> None:
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+
+
 def save_checkpoint(run_dir: str | Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
-                    state: RunState, *, keep: int = 2, scheduler: Any | None = None) -> Path:
+                    state: RunState, *, keep: int = 2, scheduler: Any | None = None,
+                    accelerator: Any | None = None) -> Path:
+    """Called on every rank under accelerate: the main rank writes the files; under DeepSpeed every rank also
+    writes its optimizer shard (accelerator.save_state), because no rank holds the whole optimizer state."""
+    is_main = accelerator is None or accelerator.is_main_process
     root = _checkpoints(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{state.step:06d}"
     tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "model").mkdir(parents=True)
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp / "model")
-    torch.save({"optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state.__dict__, indent=2, sort_keys=True))
     final = root / name
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "model").mkdir(parents=True)
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "model")
+    _barrier(accelerator)
+    if _is_deepspeed(accelerator):
+        accelerator.save_state(str(tmp / "accelerate"))
+    elif is_main:
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / "optimizer.pt")
+    _barrier(accelerator)
+    if not is_main:
+        _barrier(accelerator)
+        return final
+    (tmp / "state.json").write_text(json.dumps(state.__dict__, indent=2, sort_keys=True))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     latest_tmp = root / ".LATEST.tmp"
@@ -59,6 +81,7 @@ def save_checkpoint(run_dir: str | Path, model: Any, tokenizer: Any, optimizer: 
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     log.info("checkpoint %s (policy version %d)", final, state.policy_version)
+    _barrier(accelerator)
     return final
 
 
@@ -76,7 +99,15 @@ def load_run_state(checkpoint: Path) -> RunState:
                     counters=dict(data.get("counters", {})))
 
 
-def load_optimizer(checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any | None = None) -> None:
+def load_optimizer(checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any | None = None, *,
+                   accelerator: Any | None = None, after_prepare: bool = False) -> None:
+    """Plain and DDP optimizers are restored before accelerator.prepare(); DeepSpeed's sharded state after it."""
+    if _is_deepspeed(accelerator):
+        if after_prepare:
+            accelerator.load_state(str(checkpoint / "accelerate"))
+        return
+    if after_prepare:
+        return
     saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
     if scheduler is not None and saved.get("scheduler") is not None:

@@ -113,7 +113,13 @@ class Learner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
 
-        self.device = resolve_device(cfg.device)
+        # Under `accelerate launch` / torchrun (WORLD_SIZE > 1) every rank trains on its share of each step's
+        # groups (DDP, or DeepSpeed ZeRO-2 from an accelerate config); only the main rank is on the swarm.
+        self.acc = _accelerator(cfg.device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        self.is_main = self.acc is None or self.acc.is_main_process
+        if not self.is_main:
+            logging.getLogger().setLevel(logging.WARNING)  # one rank speaks for the run
+        self.device = str(self.acc.device) if self.acc is not None else resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, self.device)
         self.state = RunState()
         checkpoint = latest_checkpoint(self.run_dir) if cfg.resume else None
@@ -124,7 +130,7 @@ class Learner:
         self.model.config.use_cache = False
         self.optimizer = self._make_optimizer()
         if checkpoint:
-            load_optimizer(checkpoint, self.optimizer)
+            load_optimizer(checkpoint, self.optimizer, accelerator=self.acc)
             self.state = load_run_state(checkpoint)
             log.info("resumed from %s at step %d, policy version %d", checkpoint, self.state.step,
                      self.state.policy_version)
@@ -142,13 +148,23 @@ class Learner:
         self.eval_prompts: PromptSet | None = None
         if cfg.eval_every > 0 and data.source == "synthetic":
             self.eval_prompts = load_prompts(dataclasses.replace(data, split="test", max_examples=cfg.eval_size))
+        self.train_model = self.model
+        if self.acc is not None:
+            if cfg.groups_per_step % self.acc.num_processes:
+                raise ValueError(f"--groups-per-step {cfg.groups_per_step} must be a multiple of the "
+                                 f"{self.acc.num_processes} training processes")
+            self.train_model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+            self.model = self.acc.unwrap_model(self.train_model)  # generation, evaluation and publishing
+            if checkpoint:
+                load_optimizer(checkpoint, self.optimizer, accelerator=self.acc, after_prepare=True)
         self.scorer = RewardScorer(RewardConfig(accuracy_weight=cfg.accuracy_weight, format_weight=cfg.format_weight,
                                                 num_workers=cfg.reward_workers))
         self.scorer.warm_up()
         self.step_cfg = TrainStepConfig(loss=self.loss, micro_batch_rows=cfg.micro_batch_rows,
                                         max_grad_norm=cfg.max_grad_norm, shuffle_seed=cfg.seed)
-        self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.tensorboard)
-        self.status = StatusLine()
+        self.metrics = MetricsWriter(self.run_dir if self.is_main else self.run_dir / f"rank{self.acc.process_index}",
+                                     tensorboard=cfg.tensorboard and self.is_main)
+        self.status = StatusLine(quiet=not self.is_main)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._tokenizer_lock = threading.Lock()  # HF tokenizers are not safe to share across threads
         self.sampler_stats: dict[str, Counter] = defaultdict(Counter)
@@ -199,9 +215,15 @@ class Learner:
         results = self.scorer.score(texts, [ex.answer for ex in self.eval_prompts])
         return sum(r.accuracy for r in results) / len(results)
 
-    def train(self, groups: list[ScoredGroup], accuracies: list[float], extra: dict[str, float]) -> dict[str, float]:
-        metrics = train_step(self.model, self.optimizer, groups, self.step_cfg, pad_token_id=self.pad_id,
-                             current_version=self.version, step_index=self.state.step)
+    def _my_share(self, items: list) -> list:
+        return items if self.acc is None else items[self.acc.process_index :: self.acc.num_processes]
+
+    def train(self, groups: list[ScoredGroup], accuracies: list[float], extra: dict[str, float],
+              sharded: bool = False) -> dict[str, float]:
+        """One optimizer step on `groups` (all of the step's groups, or this rank's share when `sharded`)."""
+        mine = groups if sharded else self._my_share(groups)
+        metrics = train_step(self.train_model, self.optimizer, mine, self.step_cfg, pad_token_id=self.pad_id,
+                             current_version=self.version, step_index=self.state.step, accelerator=self.acc)
         self.state.step += 1
         self.state.policy_version += 1
         metrics["accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0
@@ -209,8 +231,8 @@ class Learner:
         metrics.update(extra)
         lags = [self.version - 1 - g.policy_version for g in groups]
         metrics["staleness_hist"] = dict(Counter(lags))
-        if self.eval_prompts is not None and (self.state.step % self.cfg.eval_every == 0
-                                              or self.state.step == self.cfg.max_steps):
+        if self.is_main and self.eval_prompts is not None and (self.state.step % self.cfg.eval_every == 0
+                                                               or self.state.step == self.cfg.max_steps):
             self.last_eval = self.evaluate()
             metrics["eval_accuracy"] = self.last_eval
         self.metrics.write(self.state.step, metrics)
@@ -220,7 +242,7 @@ class Learner:
 
     def checkpoint(self) -> None:
         self.state.counters = {"counters": dict(self.counters), "rejections": dict(self.rejections)}
-        save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.state)
+        save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.state, accelerator=self.acc)
 
     def close(self) -> None:
         self.scorer.close()
@@ -238,7 +260,8 @@ class Learner:
         rng = random.Random(self.cfg.seed + 1_000_003 * self.state.step)
         while self.state.step < self.cfg.max_steps and not self.stop.requested:
             t0 = time.perf_counter()
-            indices = [rng.randrange(len(self.prompts)) for _ in range(self.cfg.groups_per_step)]
+            # Every rank draws the same indices and samples its own share of them with the (identical) policy.
+            indices = self._my_share([rng.randrange(len(self.prompts)) for _ in range(self.cfg.groups_per_step)])
             prompts = [list(self.prompt_ids(i)) for i in indices]
             sampling = dataclasses.replace(params, seed=self.cfg.seed * 7919 + self.state.step)
             generated = generate_groups(self.model, prompts, sampling, eos=self.tokenizer, pad_token_id=self.pad_id)
@@ -249,7 +272,8 @@ class Learner:
                 group, acc = self.score(index, gen.prompt_ids, gen.completion_ids, gen.logprobs, self.version)
                 groups.append(group)
                 accuracies.extend(acc)
-            m = self.train(groups, accuracies, {"sample_time_s": t_sample, "groups_accepted": len(groups)})
+            m = self.train(groups, accuracies, {"sample_time_s": t_sample, "groups_accepted": len(groups)},
+                           sharded=True)
             self._status(m)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -284,7 +308,28 @@ class Learner:
         os.replace(marker.with_suffix(".tmp"), marker)
         log.debug("published version %d in %.2fs", self.version, time.perf_counter() - t0)
 
+    def _broadcast(self, obj: Any) -> Any:
+        """The main rank's `obj` on every rank (the step's groups travel this way to the other GPUs)."""
+        if self.acc is None:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _follow(self) -> None:
+        """Non-main ranks: train on each step's share until the main rank says stop (None)."""
+        while (batch := self._broadcast(None)) is not None:
+            self.train(*batch)
+
     def run_swarm(self) -> None:
+        if not self.is_main:
+            return self._follow()
+        try:
+            self._lead_swarm()
+        finally:
+            self._broadcast(None)
+
+    def _lead_swarm(self) -> None:
         from node.learner_swarm import LearnerSwarm
         from protocol.validate import RolloutValidator, ValidatorConfig
 
@@ -309,6 +354,7 @@ class Learner:
                 groups = [g for g, _, _ in batch]
                 accuracies = [a for _, acc, _ in batch for a in acc]
                 extra = self._swarm_metrics(batch)
+                self._broadcast((groups, accuracies, extra))
                 m = self.train(groups, accuracies, extra)
                 if self.state.step % self.cfg.publish_every == 0 or self.state.step >= self.cfg.max_steps:
                     self.publish()
@@ -373,7 +419,7 @@ class Learner:
         if self.state.step >= self.cfg.max_steps:
             log.info("already at step %d >= --max-steps %d; nothing to do", self.state.step, self.cfg.max_steps)
             return
-        if self.eval_prompts is not None and self.state.step == 0:
+        if self.is_main and self.eval_prompts is not None and self.state.step == 0:
             self.last_eval = self.evaluate()
             self.metrics.write(0, {"eval_accuracy": self.last_eval, "policy_version": 0})
             log.info("held-out accuracy before training: %.3f", self.last_eval)
@@ -381,6 +427,12 @@ class Learner:
             self.run_online()
         else:
             self.run_swarm()
+
+
+def _accelerator(device: str) -> Any:
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,13 +65,16 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 class StatusLine:
     """A single self-overwriting terminal line on a TTY; a periodic log line otherwise."""
 
-    def __init__(self, stream=None, every_s: float = 10.0) -> None:
+    def __init__(self, stream=None, every_s: float = 10.0, quiet: bool = False) -> None:
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.quiet = quiet
         self.every_s = every_s
         self._last = 0.0
 
     def update(self, text: str) -> None:
+        if self.quiet:
+            return
         if self.tty:
             self.stream.write("\r\x1b[2K" + text)
             self.stream.flush()
@@ -80,7 +83,7 @@ class StatusLine:
             log.info(text)
 
     def close(self) -> None:
-        if self.tty:
+        if self.tty and not self.quiet:
             self.stream.write("\n")
             self.stream.flush()
 

@@ -136,3 +136,27 @@ def test_sampler_reports_an_unreachable_swarm(tmp_path):
                   *LOOPBACK)
     assert out.returncode != 0
     assert "error:" in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_learner_trains_from_the_swarm(tmp_path):
+    """`torchrun --nproc_per_node 2 -m node.learner`: only rank 0 joins the swarm; both ranks train (gloo on CPU)."""
+    run_dir = tmp_path / "ddp"
+    procs: list[Proc] = []
+    try:
+        learner = Proc(["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "node.learner",
+                        *learner_args(run_dir, "--max-steps", "3", "--checkpoint-every", "3")[2:]],
+                       tmp_path / "ddp.log")
+        procs.append(learner)
+        join = join_args(learner)
+        procs.append(Proc(sampler_args(tmp_path / "s", join), tmp_path / "s.log"))
+        learner.wait_for(r"done: step 3", timeout=300)
+        assert learner.popen.wait(60) == 0, learner.tail()
+        assert learner.output.count("samplers join with") == 1  # one rank on the swarm
+        steps = [m for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]
+        assert [m["policy_version"] for m in steps] == [1, 2, 3]
+        assert all(m["num_groups"] == 1 for m in steps)  # each rank trained on its half of the 2 groups
+        assert (run_dir / "checkpoints" / "step-000003" / "model" / "model.safetensors").is_file()
+    finally:
+        for p in procs:
+            p.stop()
