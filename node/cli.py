@@ -138,9 +138,14 @@ def parse_with_recipe(parser: argparse.ArgumentParser, argv: list[str] | None = 
     known, _ = pre.parse_known_args(argv)
     if known.config:
         recipe = load_recipe(known.config)
-        dests = {a.dest for a in parser._actions}
-        unknown = sorted(set(recipe) - dests)
+        # A recipe key may be a flag's name ("loss", "dataset") or its destination ("loss_type", "data_source").
+        names = {a.dest: a.dest for a in parser._actions}
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--"):
+                    names[flag[2:].replace("-", "_")] = action.dest
+        unknown = sorted(k for k in recipe if k not in names)
         if unknown:
             raise SystemExit(f"error: recipe {known.config} has unknown options: {', '.join(unknown)}")
-        parser.set_defaults(**recipe)
+        parser.set_defaults(**{names[k]: v for k, v in recipe.items()})
     return parser.parse_args(argv)
