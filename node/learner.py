@@ -63,6 +63,8 @@ class LearnerConfig:
     max_grad_norm: float = option(1.0, "gradient-norm clip (0: off)")
     micro_batch_rows: int = option(16, "rows per forward/backward (gradient accumulation inside a step)")
     max_staleness: int = option(32, "drop groups sampled more than this many versions ago (counted as stale)")
+    max_buffered_steps: int = option(2, "accepted groups waiting for training, in steps; beyond it samplers are "
+                                        "told to wait (back-pressure keeps rollouts fresh)")
     publish_every: int = option(1, "publish a new version to the swarm every N steps")
     checkpoint_every: int = option(50, "write a checkpoint every N steps (and at the end)")
     eval_every: int = option(20, "held-out greedy accuracy every N steps (0: off)")
@@ -346,7 +348,10 @@ class Learner:
         pending: list[tuple[ScoredGroup, list[float], str]] = []
         last_rollout = time.monotonic()
         while self.state.step < self.cfg.max_steps and not self.stop.requested:
-            for accepted in self.swarm.get_rollouts(max_items=self.cfg.groups_per_step * 4, timeout=0.5):
+            # Take only what this step still needs: the rest waits in the bounded inbox, whose "busy" answers
+            # hold the samplers back instead of letting a backlog (and its staleness) grow here.
+            need = max(1, self.cfg.groups_per_step - len(pending))
+            for accepted in self.swarm.get_rollouts(max_items=need, timeout=0.5):
                 last_rollout = time.monotonic()
                 self._take(accepted.item, pending)
             if len(pending) >= self.cfg.groups_per_step:
@@ -451,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         if swarm_cfg.state_dir is None:
             swarm_cfg = swarm_cfg.replace(state_dir=str(Path(cfg.run_dir) / "swarm"))
         swarm_cfg = swarm_cfg.with_defaults_for_state_dir()
+        swarm_cfg = swarm_cfg.replace(inbox_size=min(swarm_cfg.inbox_size, cfg.max_buffered_steps * cfg.groups_per_step))
         learner = Learner(cfg, loss, data, swarm_cfg, stop=stop)
     except (ValueError, DataError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)

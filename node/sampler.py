@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -53,6 +54,8 @@ class SamplerConfig:
     wait_learner: float = option(60.0, "seconds to wait for the learner's heartbeat at start")
     wait_weights: float = option(300.0, "seconds to wait for the first complete policy version")
     max_groups: int = option(0, "stop after sending this many groups (0: run until interrupted)")
+    max_pending: int = option(8, "pause generation while this many groups wait for the learner (back-pressure: "
+                                 "rollouts generated for a busy learner would only go stale)")
     max_outbox_wait: float = option(600.0, "seconds to wait for room when the outbox is full before giving up")
     gpu_memory_utilization: float = option(0.5, "vllm: share of GPU memory for weights and KV cache")
     seed: int = option(0, "sampling seed (combined with the sequence number)")
@@ -173,9 +176,16 @@ class Sampler:
         self.version, self.loaded_at = newest, time.monotonic()
         log.debug("switched to policy version %d", newest)
 
+    def wait_for_room(self) -> None:
+        """Back-pressure: a learner that trains slower than the swarm samples answers "busy"; generating more
+        meanwhile would only produce stale rollouts."""
+        while len(self.swarm.outbox) >= self.cfg.max_pending and not self.stop.requested:
+            time.sleep(0.1)
+
     def step(self) -> int:
         """Generate one batch of groups and hand them to the outbox; returns how many were sent."""
         assert self.info is not None and self.version is not None
+        self.wait_for_room()
         self.maybe_switch()
         n_prompts = len(self.info.prompts)
         seqs = self.seqs.take(self.cfg.batch_prompts)
@@ -217,6 +227,12 @@ class Sampler:
 
     def close(self) -> None:
         self.status.close()
+        try:  # what this sampler did, for `make demo`'s summary and for the volunteer
+            stats = {**self.swarm.stats(), "policy_version": self.version, "sent": self.sent,
+                     "public_key": self.swarm.public_key_str}
+            (self.state_dir / "stats.json").write_text(json.dumps(stats, default=str, indent=1))
+        except Exception as exc:  # noqa: BLE001 - never let reporting break shutdown
+            log.debug("could not write stats.json: %r", exc)
         self.swarm.shutdown()
 
 

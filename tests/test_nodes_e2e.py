@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from node.metrics import read_metrics
-from tests.node_procs import LOOPBACK, REPO, Proc, join_args
+from node.local import LOOPBACK, REPO, Proc, join_args
 
 pytestmark = pytest.mark.timeout(600)
 
