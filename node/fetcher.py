@@ -10,13 +10,17 @@
   fetching, and - when it rations - may substitute the chunk it has served least.
 * **Bounded**: at most ``max_inflight`` requests, ``max_inflight_per_peer`` per source; every dial, request and
   transfer has a timeout; a failing source backs off exponentially.
-* **Verified**: a chunk is streamed into its slot of the buffer and marked held only if its SHA-256 matches the
-  signed manifest. A peer that sends a bad chunk (or a wrong length) is blacklisted and never asked again.
+* **Verified**: a chunk is streamed into its slot of the buffer (hashed on the fly) and marked held only if its
+  SHA-256 matches the one in the signed manifest. A peer that sends a bad chunk (or a wrong length) is blacklisted
+  and never asked again.
+* **Pipelined**: one keep-alive stream per source carries up to ``max_inflight_per_peer`` requests; answers come
+  back in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import time
@@ -26,8 +30,6 @@ from typing import Awaitable, Callable, Deque, Dict, Iterable, List, Optional, S
 
 import numpy as np
 
-from protocol.errors import ProtocolError
-from protocol.manifest import verify_chunk
 
 from .weights_store import VersionBuffer, pack_bits, unpack_bits
 from .wire import RemoteError, WireError, close_writer, encode_frame, open_stream, recv_header, recv_payload
@@ -140,7 +142,6 @@ class VersionFetcher:
         self.peers: Dict[str, Source] = {}
         self._inflight = np.zeros(vb.n_chunks, dtype=bool)
         self._total_inflight = 0
-        self._verifying = 0
         self._tasks: Set[asyncio.Task] = set()
         self._wake: Optional[asyncio.Event] = None
         self._discover_task: Optional[asyncio.Task] = None
@@ -354,38 +355,35 @@ class VersionFetcher:
                 self._inflight[reserved] = False
                 reserved = index
                 self._inflight[index] = True
-            await recv_payload_into(reader, vb.chunk_writer(index), size=plen, timeout=cfg.stall_timeout)
+            hasher = hashlib.sha256()
+            sink = vb.chunk_writer(index)
+
+            def write(off: int, data: memoryview) -> None:
+                sink(off, data)  # into its slot of the preallocated buffer
+                hasher.update(data)  # hashed while still in cache (hashlib releases the GIL)
+
+            await recv_payload_into(reader, write, size=plen, timeout=cfg.stall_timeout)
             self.stats.bytes_down += plen
+            if hasher.digest() != vb.manifest.chunk_hash(index):  # the SHA-256 in the signed manifest
+                self.stats.bad_chunks += 1
+                self._bad_peer(src, f"chunk {index} of version {vb.version} does not match its hash")
+                return False
             src.failures = 0
-            self._verifying += 1
-            self._spawn(self._verify(src, index))
-            reserved = None  # _verify releases the reservation
+            self._accept_chunk(src, index)
             return True
         finally:
             self._release(src, reserved)
 
-    async def _verify(self, src: Source, index: int) -> None:
+    def _accept_chunk(self, src: Source, index: int) -> None:
         vb = self.vb
-        try:
-            try:
-                # hashlib releases the GIL: hashing overlaps with reading the next chunk
-                await asyncio.to_thread(verify_chunk, vb.manifest, index, vb.chunk_view(index))
-            except ProtocolError as e:
-                self.stats.bad_chunks += 1
-                self._bad_peer(src, f"chunk {index} of version {vb.version} failed verification ({e})")
-                return
-            vb.mark(index)
-            self.last_progress = time.monotonic()
-            logger.debug("v%d chunk %d from %s%s (%d/%d)", vb.version, index, src.peer_id,
-                         " (learner)" if src.is_learner else "", vb.n_have, vb.n_chunks)
-            if src.is_learner:
-                self.stats.chunks_from_learner += 1
-            else:
-                self.stats.chunks_from_peers += 1
-        finally:
-            self._verifying -= 1
-            self._inflight[index] = False
-            self._poke()
+        vb.mark(index)
+        self.last_progress = time.monotonic()
+        logger.debug("v%d chunk %d from %s%s (%d/%d)", vb.version, index, src.peer_id,
+                     " (learner)" if src.is_learner else "", vb.n_have, vb.n_chunks)
+        if src.is_learner:
+            self.stats.chunks_from_learner += 1
+        else:
+            self.stats.chunks_from_peers += 1
 
     def _on_error_answer(self, src: Source, header) -> None:
         code = header.get("err")

@@ -30,11 +30,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
 from protocol.manifest import build_manifest, decode_manifest, encode_manifest
-from protocol.records import Ed25519OwnerValidator
+from protocol.records import MAX_BITMAP_BYTES, Ed25519OwnerValidator
 
 from .chunk_server import ChunkRationer, ChunkServer
 from .config import SwarmConfig
 from .dht import SwarmNode, join_command
+from .loop import snapshot
 from .inbox import Accepted, DurableInbox
 from .ratelimit import TokenBucket
 from .records import store_heartbeat
@@ -44,6 +45,7 @@ from .wire import WireError, guarded_handler, proto_name, recv_header, recv_payl
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 1 << 20
+MAX_HAVE_CHUNKS = 8 * MAX_BITMAP_BYTES  # chunks a ChunkHave record can describe (16384)
 
 
 class LearnerSwarm:
@@ -207,11 +209,16 @@ class LearnerSwarm:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> bytes:
         """Lay out ``tensors`` (+ ``files``) with :func:`protocol.manifest.build_manifest`, sign, publish.
-        Returns the signed manifest bytes."""
-        manifest, buf = build_manifest(
-            tensors, run_id=self.config.run_id, version=version, parent=parent, chunk_size=chunk_size,
-            files=files, meta=meta,
-        )
+        Returns the signed manifest bytes. The chunk size is raised (powers of two) if the version would otherwise
+        have more chunks than a :class:`protocol.records.ChunkHave` bitmap can describe."""
+        while True:
+            manifest, buf = build_manifest(
+                tensors, run_id=self.config.run_id, version=version, parent=parent, chunk_size=chunk_size,
+                files=files, meta=meta,
+            )
+            if manifest.n_chunks <= MAX_HAVE_CHUNKS:
+                break
+            chunk_size *= 2
         data = encode_manifest(manifest, self.identity)
         self.publish(version, data, buf)
         return data
@@ -289,15 +296,16 @@ class LearnerSwarm:
 
     # ------------------------------------------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
+        """Counters for logs/metrics (a snapshot; safe to call from any thread)."""
         s = self.chunk_server.stats
         return {
             "version": self.version,
-            **dict(self.counters),
-            "rejections": dict(self.rejections),
+            **snapshot(self.counters),
+            "rejections": snapshot(self.rejections),
             "inbox": self.inbox.qsize(),
             "bytes_uploaded": self.limiter.total_bytes,
             "chunks_served": s.chunks_served,
-            "upload_by_version": dict(self.chunk_server.bytes_by_version),
+            "upload_by_version": snapshot(self.chunk_server.bytes_by_version),
             "busy_answers": s.busy,
             "rationed_answers": s.rationed,
         }

@@ -12,7 +12,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from typing import Any, Awaitable, Callable, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -99,3 +99,13 @@ class LoopThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
         if not self.in_loop_thread:
             self._thread.join(timeout)
+
+
+def snapshot(mapping: Mapping) -> Dict:
+    """A copy of a dict/Counter that another thread (the swarm loop) may be updating."""
+    for _ in range(10):
+        try:
+            return dict(mapping)
+        except RuntimeError:  # changed size during iteration
+            continue
+    return {}

@@ -38,7 +38,8 @@ from protocol.records import Ed25519OwnerValidator, LearnerHeartbeat
 from .chunk_server import ChunkServer
 from .config import SwarmConfig
 from .dht import SwarmNode
-from .fetcher import Blacklist, FetchStats, VersionFetcher
+from .loop import snapshot
+from .fetcher import Blacklist, FetchStats, VersionFetcher, wait_event
 from .outbox import Outbox, OutboxFull
 from .ratelimit import TokenBucket
 from .records import read_haves, read_heartbeats, store_have, store_status
@@ -123,12 +124,14 @@ class SamplerSwarm:
         self._ready_cond = threading.Condition()
         self._fetcher: Optional[VersionFetcher] = None
         self._fetch_task: Optional[asyncio.Task] = None
+        self._fetch_version: Optional[int] = None
         self._tasks: List[asyncio.Task] = []
         self._send_wake: Optional[asyncio.Event] = None
         self._manager_wake: Optional[asyncio.Event] = None
         self._watch_wake: Optional[asyncio.Event] = None
         self._announce_wake: Optional[asyncio.Event] = None
         self._store_loaded = False
+        self._send_failing = False
         self._lock = threading.Lock()
         self._started = False
         self.version_times: Dict[int, float] = {}
@@ -277,6 +280,8 @@ class SamplerSwarm:
         if old is not None and info.time < old.time:
             return  # an older copy of the record
         self.learner = info
+        if self._send_failing and (old is None or info.time > old.time):
+            self._send_wake.set()  # the learner is alive (again): retry now rather than after the back-off
         if old is None or old.peer_id != info.peer_id or old.maddrs != info.maddrs:
             logger.info("learner %s at %s", info.peer_id, " ".join(info.maddrs))
             self._send_wake.set()
@@ -321,6 +326,7 @@ class SamplerSwarm:
             try:
                 retry_after = await self._deliver_batch()
                 backoff = cfg.retry_min
+                self._send_failing = False
                 if retry_after:
                     await asyncio.sleep(retry_after)
             except asyncio.CancelledError:
@@ -330,8 +336,10 @@ class SamplerSwarm:
                 delay = backoff * (0.5 + random.random())
                 logger.info("delivering rollouts failed (%s); retrying in %.1f s", e, delay)
                 backoff = min(cfg.retry_max, backoff * 2)
-                self._watch_wake.set()  # re-read the heartbeat: the learner may have moved
-                await asyncio.sleep(delay)
+                self._send_failing = True
+                self._send_wake.clear()
+                self._watch_wake.set()  # re-read the heartbeat: the learner may have moved or restarted
+                await wait_event(self._send_wake, delay)  # a fresh heartbeat cuts the back-off short
 
     async def _deliver_batch(self) -> float:
         """Send up to PUSH_BATCH groups over one stream; returns a server-requested pause (0 if none)."""
@@ -402,7 +410,7 @@ class SamplerSwarm:
             return
         if self._fetch_task is not None and not self._fetch_task.done():
             f = self._fetcher
-            current = getattr(self, "_fetch_version", None)
+            current = self._fetch_version
             if current == target:
                 return
             stalled = f is not None and time.monotonic() - f.last_progress > max(30.0, 2 * self.config.stall_timeout)
@@ -589,10 +597,11 @@ class SamplerSwarm:
         return None if self.learner is None else self.learner.version
 
     def stats(self) -> Dict[str, Any]:
+        """Counters for a status line / metrics (a snapshot; safe to call from any thread)."""
         f = self.fetch_stats
         return {
-            **dict(self.counters),
-            "rejections": dict(self.rejections),
+            **snapshot(self.counters),
+            "rejections": snapshot(self.rejections),
             "outbox": len(self.outbox),
             "version": self.store.latest_version(),
             "learner_version": self.learner_version(),
@@ -603,7 +612,7 @@ class SamplerSwarm:
             "blacklisted": self.blacklist.entries(),
             "bytes_uploaded": self.limiter.total_bytes,
             "chunks_served": self.chunk_server.stats.chunks_served,
-            "version_times": dict(self.version_times),
+            "version_times": snapshot(self.version_times),
         }
 
     def shutdown(self) -> None:

@@ -213,7 +213,7 @@ class WeightStore:
             return VersionBuffer(manifest, manifest_bytes, bytearray(manifest.total_size), complete=complete)
         v = manifest.version
         mpath = self._path(v, "manifest")
-        if not os.path.exists(mpath) or open(mpath, "rb").read() != bytes(manifest_bytes):
+        if not os.path.exists(mpath) or _read(mpath) != bytes(manifest_bytes):
             _atomic_write(mpath, bytes(manifest_bytes))
             for ext in ("bin", "complete"):
                 _unlink(self._path(v, ext))
@@ -275,7 +275,7 @@ class WeightStore:
                 version = int(name[1:-len(".manifest")])
             except ValueError:
                 continue
-            data = open(os.path.join(self.directory, name), "rb").read()
+            data = _read(os.path.join(self.directory, name))
             try:
                 manifest = decode(data)
                 if manifest.version != version:
@@ -333,6 +333,11 @@ class WeightStore:
                         pass
                 self._retire(vb)
             self._versions.clear()
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _atomic_write(path: str, data: bytes) -> None:

@@ -1,0 +1,1 @@
+"""Subprocess entry points and process handling for the swarm transport tests (tests/test_swarm_*.py)."""

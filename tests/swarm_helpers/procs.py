@@ -1,0 +1,81 @@
+"""Swarm test nodes as OS processes (``python -m tests.swarm_helpers.node_proc ...``), on top of node/local.py.
+
+A node reads JSON commands on stdin and writes JSON events on stdout (:class:`node.local.JsonProc`); it is stopped
+like every process of this project, by its PID (SIGTERM: a graceful shutdown, then SIGKILL of its process group).
+:meth:`NodeProc.crash` is the fault the tests inject: SIGKILL of the node's main process only.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+from typing import List, Tuple
+
+import psutil
+
+from node.local import JsonProc, stop_all  # noqa: F401  (stop_all: re-exported for the tests)
+
+Pid = Tuple[int, float]  # (pid, creation time): names one process even if the PID is reused later
+
+
+class NodeProc(JsonProc):
+    def __init__(self, args: List[str], log_path: Path):
+        self.args = list(args)
+        super().__init__(["-m", "tests.swarm_helpers.node_proc", *args], log_path)
+
+    def crash(self) -> List[Pid]:
+        """SIGKILL only the main process; returns its helpers (the forked DHT process, the libp2p daemon), which
+        must then exit by themselves (the DHT process watches its parent and takes the daemon down with it)."""
+        helpers = [(p.pid, p.create_time()) for p in psutil.Process(self.pid).children(recursive=True)]
+        self.popen.kill()
+        self.popen.wait(10)
+        return helpers
+
+
+def alive(proc: Pid) -> bool:
+    pid, created = proc
+    try:
+        p = psutil.Process(pid)
+        return p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Poll ``predicate`` until it returns something true (returned), or raise TimeoutError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def settle(learner: NodeProc, samplers) -> dict:
+    """Wait until every sampler's outbox is empty (every group answered) and the learner's inbox is empty (its
+    trainer side took everything it accepted); returns the learner's stats. The learner answers ``stats`` only
+    after reporting the groups taken so far, so from then on ``learner.history`` holds a ``rollout`` event for every
+    group that learner process accepted (or reloaded after a restart)."""
+    for s in samplers:
+        wait_until(lambda s=s: s.request("stats")["stats"]["outbox"] == 0, 60, f"the outbox of {s.args[2]} to drain")
+
+    def taken():
+        st = learner.request("stats")["stats"]
+        return st if st["inbox"] == 0 else None
+
+    return wait_until(taken, 30, "the learner's trainer side to take every accepted group")
+
+
+def rollouts(*learners: NodeProc) -> Counter:
+    """How often each (sampler key, seq) reached the trainer side of these learner processes."""
+    return Counter((ev["sampler"], ev["seq"]) for lr in learners for ev in lr.history if ev.get("event") == "rollout")
