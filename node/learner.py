@@ -228,6 +228,7 @@ class Learner:
                              current_version=self.version, step_index=self.state.step, accelerator=self.acc)
         self.state.step += 1
         self.state.policy_version += 1
+        self.counters["tokens_trained"] += sum(len(c) for g in mine for c in g.completion_ids)
         metrics["accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0
         metrics["policy_version"] = self.version
         metrics.update(extra)
@@ -302,6 +303,8 @@ class Learner:
         tensors = policy_tensors(self.model)
         files = {**policy_files(self.model, self.tokenizer), **run_file(self.run_info().to_json())}
         t0 = time.perf_counter()
+        self.swarm.report(step=self.state.step, stale=self.counters["dropped_stale"],  # heartbeat: node.monitor
+                          tokens=self.counters["tokens_trained"])
         self.swarm.publish_state(self.version, tensors, files=files,
                                  parent=self.version - self.cfg.publish_every if self.version else None)
         self.counters["published"] += 1

@@ -94,6 +94,8 @@ class LearnerSwarm:
         self._lock = threading.Lock()
         self._started = False
         self.version: Optional[int] = None
+        self._reported: Dict[str, int] = {}
+        self._created = time.monotonic()
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -157,11 +159,23 @@ class LearnerSwarm:
             version=None if vb is None else vb.version, manifest_digest=None if vb is None else vb.digest,
             manifest_size=0 if vb is None else len(vb.manifest_bytes),
             weights_size=0 if vb is None else vb.total_size, maddrs=self.maddrs, ttl=self.config.heartbeat_ttl,
+            counters=self._heartbeat_counters(),
         )
         self.counters["heartbeats"] += 1
         if not ok:
             self.counters["heartbeat_store_failed"] += 1
         return ok
+
+    def report(self, **counters: int) -> None:
+        """Progress counters (e.g. ``step=12, stale=3``) for the heartbeat record, next to the swarm's own accepted /
+        rejected / duplicate / busy counts and uptime (what ``python -m node.monitor`` shows). Sent with the next
+        heartbeat (every ``publish()`` and every ``heartbeat_ttl / 3``)."""
+        self._reported = {**self._reported, **{k: int(v) for k, v in counters.items()}}
+
+    def _heartbeat_counters(self) -> Dict[str, int]:
+        c = self.counters
+        return {"accepted": c["accepted"], "rejected": c["rejected"], "duplicate": c["duplicate"], "busy": c["busy"],
+                "up_s": int(time.monotonic() - self._created), **self._reported}
 
     async def _heartbeat_loop(self) -> None:
         period = max(0.5, self.config.heartbeat_ttl / 3)

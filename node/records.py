@@ -19,6 +19,7 @@ from hivemind.utils import get_dht_time
 
 from protocol.identity import Identity
 from protocol.records import (
+    MAX_COUNTERS,
     MAX_MULTIADDRS,
     ChunkHave,
     LearnerHeartbeat,
@@ -39,6 +40,11 @@ def trim_maddrs(maddrs: Sequence[str]) -> List[str]:
     return [str(m) for m in maddrs if len(str(m)) <= 256][:MAX_MULTIADDRS]
 
 
+def clip_counters(counters: Optional[Dict[str, int]]) -> Dict[str, int]:
+    """Counters as a record carries them: at most MAX_COUNTERS names of <= 32 characters, values >= 0."""
+    return {k[:32]: max(0, int(v)) for k, v in list((counters or {}).items())[:MAX_COUNTERS]}
+
+
 async def store_record(node, identity: Identity, record, ttl: float) -> bool:
     return await node.dht_store(
         record.dht_key, identity.public_key_str, encode_record(record), get_dht_time() + ttl
@@ -47,7 +53,7 @@ async def store_record(node, identity: Identity, record, ttl: float) -> bool:
 
 async def store_heartbeat(
     node, identity: Identity, *, run_id: str, peer_id: str, version: Optional[int], manifest_digest: Optional[bytes],
-    manifest_size: int, weights_size: int, maddrs: Sequence[str], ttl: float,
+    manifest_size: int, weights_size: int, maddrs: Sequence[str], ttl: float, counters: Optional[Dict[str, int]] = None,
 ) -> bool:
     rec = LearnerHeartbeat(
         run_id=run_id,
@@ -58,6 +64,7 @@ async def store_heartbeat(
         weights_size=int(weights_size if version is not None else 0),
         multiaddrs=tuple(trim_maddrs(maddrs)),
         time=float(get_dht_time()),
+        counters=clip_counters(counters),
     )
     return await store_record(node, identity, rec, ttl)
 
@@ -97,7 +104,7 @@ async def store_status(
 ) -> bool:
     rec = SamplerStatus(
         run_id=run_id, peer_id=peer_id, policy_version=int(version or 0),
-        counters={k[:32]: max(0, int(v)) for k, v in list(counters.items())[:16]},
+        counters=clip_counters(counters),
         time=float(get_dht_time()), shard=shard_for(identity.public_key, STATUS_SHARDS),
     )
     return await store_record(node, identity, rec, ttl)

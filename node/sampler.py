@@ -125,6 +125,7 @@ class Sampler:
         self.version: int | None = None
         self.loaded_at = 0.0
         self.sent = 0
+        self.tokens = 0
         self.backend: Any = None
         self.info: RunInfo | None = None
         self.stop = stop or GracefulStop()
@@ -206,6 +207,8 @@ class Sampler:
             )
             self.swarm.submit(wire.encode_group(group, self.swarm.identity), timeout=self.cfg.max_outbox_wait)
         self.sent += len(groups)
+        self.tokens += sum(g.num_tokens for g in groups)
+        self.swarm.report(version=self.version, tokens=self.tokens)  # for the status record (node.monitor)
         return len(groups)
 
     def run(self) -> None:

@@ -62,6 +62,7 @@ __all__ = ["SamplerSwarm", "LearnerInfo", "OutboxFull"]
 
 TRUST_FILE = "trusted_learner.txt"
 PUSH_BATCH = 32
+STATUS_MIN_INTERVAL = 5.0  # seconds between status records when report() changes them (else every ttl / 3)
 
 
 @dataclass
@@ -136,6 +137,10 @@ class SamplerSwarm:
         self._started = False
         self.version_times: Dict[int, float] = {}
         self.outbox.add_listener(self._on_outbox_put)
+        self._reported: Dict[str, int] = {}
+        self._reported_version: Optional[int] = None
+        self._status_dirty = False
+        self._created = time.monotonic()
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -519,8 +524,11 @@ class SamplerSwarm:
         last_sent: Dict[int, Tuple[int, float]] = {}
         last_status = -1e9
         while True:
+            wait = cfg.peer_record_ttl / 3
+            if self._status_dirty:
+                wait = min(wait, max(0.05, last_status + STATUS_MIN_INTERVAL - time.monotonic()))
             try:
-                await asyncio.wait_for(self._announce_wake.wait(), cfg.peer_record_ttl / 3)
+                await asyncio.wait_for(self._announce_wake.wait(), wait)
             except asyncio.TimeoutError:
                 pass
             self._announce_wake.clear()
@@ -539,11 +547,16 @@ class SamplerSwarm:
                                 ttl=cfg.peer_record_ttl,
                             )
                             last_sent[vb.version] = (n, now)
-                if now - last_status >= cfg.peer_record_ttl / 3:
+                if now - last_status >= cfg.peer_record_ttl / 3 or (
+                    self._status_dirty and now - last_status >= STATUS_MIN_INTERVAL
+                ):
                     last_status = now
+                    self._status_dirty = False
+                    version = self._reported_version
                     await store_status(
                         self.node, self.identity, run_id=cfg.run_id, peer_id=self.peer_id,
-                        version=self.store.latest_version(), counters=self._status_counters(), ttl=cfg.peer_record_ttl,
+                        version=self.store.latest_version() if version is None else version,
+                        counters=self._status_counters(), ttl=cfg.peer_record_ttl,
                     )
             except asyncio.CancelledError:
                 raise
@@ -561,7 +574,19 @@ class SamplerSwarm:
             "submitted": c["submitted"], "accepted": c["accepted"] + c["duplicate"], "rejected": c["rejected"],
             "outbox": len(self.outbox), "versions": c["versions"],
             "up_mb": self.limiter.total_bytes >> 20, "down_mb": self.fetch_stats.bytes_down >> 20,
+            "up_s": int(time.monotonic() - self._created), **self._reported,
         }
+
+    def report(self, version: Optional[int] = None, **counters: int) -> None:
+        """What the program does, for the signed status record (``python -m node.monitor`` shows it): the policy
+        version it samples with (default: the newest version held) and extra counters (e.g. ``tokens=...``).
+        Published within ``STATUS_MIN_INTERVAL`` seconds; safe to call from any thread."""
+        if version is not None:
+            self._reported_version = int(version)
+        self._reported = {**self._reported, **{k: int(v) for k, v in counters.items()}}
+        self._status_dirty = True
+        if self._announce_wake is not None:
+            self.loop.call_soon(self._announce_wake.set)
 
     # ------------------------------------------------------------------------------------------------------------
     # weights API for the program

@@ -91,6 +91,12 @@ def _check_run(run_id: str) -> str:
     return req_str(run_id, "run", 128, 1)
 
 
+def _req_counters(c: Any) -> Dict[str, int]:
+    if type(c) is not dict or len(c) > MAX_COUNTERS:
+        raise ProtocolError(Reason.MALFORMED, f"counters must be a map of at most {MAX_COUNTERS} entries")
+    return {req_str(k, "counter name", 32, 1): req_int(v, "counter value") for k, v in c.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class LearnerHeartbeat:
     """The learner's announcement of its latest policy version. Only the learner key may write it."""
@@ -104,9 +110,13 @@ class LearnerHeartbeat:
     weights_size: int  # bytes of the flat weight buffer (manifest.total_size)
     multiaddrs: Tuple[str, ...] = ()
     time: float = 0.0
+    #: optional progress counters (step, accepted, rejected, ...; at most 16). Omitted from the encoding when empty,
+    #: so a heartbeat without counters is byte-for-byte what readers that predate the field accept.
+    counters: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "multiaddrs", tuple(self.multiaddrs))
+        object.__setattr__(self, "counters", dict(self.counters))
 
     @staticmethod
     def key_for(run_id: str) -> str:
@@ -125,6 +135,7 @@ class LearnerHeartbeat:
             "ws": self.weights_size,
             "ma": list(self.multiaddrs),
             "t": float(self.time),
+            **({"c": dict(self.counters)} if self.counters else {}),
         }
 
     @classmethod
@@ -138,9 +149,11 @@ class LearnerHeartbeat:
             weights_size=req_int(m["ws"], "ws"),
             multiaddrs=_req_multiaddrs(m["ma"]),
             time=req_float(m["t"], "t"),
+            counters=_req_counters(m["c"]) if "c" in m else {},
         )
 
     _KEYS: ClassVar[frozenset] = frozenset({"peer", "pv", "md", "ms", "ws", "ma", "t"})
+    _OPTIONAL: ClassVar[frozenset] = frozenset({"c"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,10 +190,7 @@ class SamplerStatus:
 
     @classmethod
     def _parse(cls, run_id: str, m: dict) -> "SamplerStatus":
-        c = m["c"]
-        if type(c) is not dict or len(c) > MAX_COUNTERS:
-            raise ProtocolError(Reason.MALFORMED, f"counters must be a map of at most {MAX_COUNTERS} entries")
-        counters = {req_str(k, "counter name", 32, 1): req_int(v, "counter value") for k, v in c.items()}
+        counters = _req_counters(m["c"])
         return cls(
             run_id=run_id,
             peer_id=req_str(m["peer"], "peer", MAX_PEER_ID_LEN, 1),
@@ -305,7 +315,7 @@ def decode_record(data) -> Record:
     cls = RECORD_TYPES.get(m.get("k")) if type(m.get("k")) is str else None
     if cls is None:
         raise ProtocolError(Reason.MALFORMED, "unknown record kind")
-    req_map(m, cls._KEYS | {"k", "fv", "run"}, f"{cls.KIND} record")
+    req_map(m, cls._KEYS | {"k", "fv", "run"}, f"{cls.KIND} record", getattr(cls, "_OPTIONAL", frozenset()))
     return cls._parse(_check_run(m["run"]), m)
 
 

@@ -110,6 +110,24 @@ def test_encode_rejects_invalid_records():
         encode_record({"k": "learner"})
 
 
+def test_heartbeat_counters_are_optional():
+    """Counters travel under "c" only when there are some: a heartbeat without them encodes exactly as before the
+    field existed, and a heartbeat with them round-trips and is bounded like a sampler status."""
+    plain = msgpack.unpackb(encode_record(heartbeat()), raw=False)
+    assert "c" not in plain
+    rec = heartbeat(counters={"step": 12, "accepted": 96, "rejected": 1})
+    assert decode_record(encode_record(rec)) == rec
+    assert msgpack.unpackb(encode_record(rec), raw=False)["c"] == {"step": 12, "accepted": 96, "rejected": 1}
+    with pytest.raises(ValueError):
+        encode_record(heartbeat(counters={f"c{i}": i for i in range(17)}))
+    with pytest.raises(ValueError):
+        encode_record(heartbeat(counters={"step": -1}))
+    bad = {**plain, "c": [1, 2]}
+    with pytest.raises(ProtocolError) as ei:
+        decode_record(msgpack.packb(bad, use_bin_type=True))
+    assert ei.value.reason == Reason.MALFORMED
+
+
 @pytest.mark.parametrize(
     "obj, reason",
     [
