@@ -149,3 +149,25 @@ def parse_with_recipe(parser: argparse.ArgumentParser, argv: list[str] | None = 
             raise SystemExit(f"error: recipe {known.config} has unknown options: {', '.join(unknown)}")
         parser.set_defaults(**{names[k]: v for k, v in recipe.items()})
     return parser.parse_args(argv)
+
+
+def add_process_args(parser: argparse.ArgumentParser) -> None:
+    """Flags every node program has: a recipe, the log level and torch's thread count."""
+    parser.add_argument("--config", default=None, metavar="RECIPE.yaml",
+                        help="YAML recipe of option values (keys are option names); flags given here win")
+    parser.add_argument("--log-level", default="INFO", help="logging level")
+    parser.add_argument("--torch-threads", type=int, default=0, metavar="N",
+                        help="torch intra-op threads (0: torch's default, one per core). Give 1 when several nodes "
+                             "share a CPU: threads that outnumber the cores spin at OpenMP barriers and make every "
+                             "step many times slower")
+
+
+def setup_process(args: argparse.Namespace) -> None:
+    """Logging and torch threads from `add_process_args`' flags (call first thing in a program's main)."""
+    import logging
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)

@@ -8,7 +8,7 @@ just its parameters): gold answers never leave the learner.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields as dataclass_fields
 from typing import Any, Sequence
 
 from gepo.data import DataConfig, PromptSet
@@ -65,6 +65,8 @@ class RunInfo:
     max_new_tokens: int
     system_prompt: str | None
     prompts: QuestionSet = field(default_factory=lambda: QuestionSet("empty", questions=[]))
+    max_staleness: int = 0
+    """The learner drops groups more than this many versions old (0: unknown): samplers skip generating them."""
 
     def sampling_params(self, seed: int | None = None) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -77,6 +79,7 @@ class RunInfo:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RunInfo":
-        fields = dict(data)
+        known = {f.name for f in dataclass_fields(cls)}
+        fields = {k: v for k, v in data.items() if k in known}  # a newer learner may add fields
         fields["prompts"] = QuestionSet.from_json(fields["prompts"])
         return cls(**fields)

@@ -30,7 +30,7 @@ from gepo.data import assign_prompt_index, format_prompt
 from gepo.delays import DELAY_KINDS, DelayModel
 from gepo.sampling import GeneratedGroup, SamplingParams, generate_groups
 from node.dht import BootstrapError, ConfigError
-from node.cli import add_dataclass_args, dataclass_from_args, option, parse_with_recipe
+from node.cli import add_dataclass_args, add_process_args, dataclass_from_args, option, parse_with_recipe, setup_process
 from node.metrics import GracefulStop, StatusLine, quiet_transformers
 from node.model_io import (ModelLoadError, load_weights, model_from_manifest, read_run_file, resolve_device,
                            resolve_dtype)
@@ -69,9 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A gepo-swarm sampler: fetches the policy from the swarm, generates signed rollout groups and "
                     "delivers them to the learner. Needs only --peers.",
     )
-    parser.add_argument("--config", default=None, metavar="RECIPE.yaml",
-                        help="YAML recipe of option values (keys are option names); flags given here win")
-    parser.add_argument("--log-level", default="INFO", help="logging level")
+    add_process_args(parser)
     add_dataclass_args(parser, SamplerConfig, "sampler")
     SwarmConfig.add_argparse_args(parser)
     return parser
@@ -177,6 +175,12 @@ class Sampler:
         self.version, self.loaded_at = newest, time.monotonic()
         log.debug("switched to policy version %d", newest)
 
+    def too_stale(self) -> bool:
+        """True when the learner (per its heartbeat) is more than max_staleness versions past ours."""
+        learner = self.swarm.learner_version()
+        limit = self.info.max_staleness if self.info is not None else 0
+        return bool(limit) and learner is not None and self.version is not None and learner - self.version > limit
+
     def wait_for_room(self) -> None:
         """Back-pressure: a learner that trains slower than the swarm samples answers "busy"; generating more
         meanwhile would only produce stale rollouts."""
@@ -188,6 +192,9 @@ class Sampler:
         assert self.info is not None and self.version is not None
         self.wait_for_room()
         self.maybe_switch()
+        if self.too_stale():
+            time.sleep(0.2)  # the learner would drop what this version makes: wait for a newer one instead
+            return 0
         n_prompts = len(self.info.prompts)
         seqs = self.seqs.take(self.cfg.batch_prompts)
         indices = [assign_prompt_index(self.swarm.identity.public_key, s, n_prompts) for s in seqs]
@@ -243,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     from node.config import SwarmConfig
 
     args = parse_with_recipe(build_parser(), argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_process(args)
     quiet_transformers()
     stop = GracefulStop().install()
     try:

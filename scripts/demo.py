@@ -21,6 +21,7 @@ from node.local import LOOPBACK, Proc, join_args
 from node.metrics import read_metrics
 
 RECIPE = "recipes/tiny-demo.yaml"
+ONE_THREAD = ["--torch-threads", "1"]  # four processes share the cores: more threads would spin at OpenMP barriers
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="learner steps (default: the recipe's max_steps)")
     p.add_argument("--loss", default="gepo", help="objective: grpo, bnpo, dr_grpo, dapo, gspo, gepo or delta_l")
     p.add_argument("--samplers", type=int, default=3, help="samplers to start (the last one is the slow one)")
-    p.add_argument("--slow-delay", nargs=2, type=float, default=(5.0, 60.0), metavar=("LOWER", "UPPER"),
+    p.add_argument("--slow-delay", nargs=2, type=float, default=(2.0, 20.0), metavar=("LOWER", "UPPER"),
                    help="the slow sampler's delay bounds in seconds (lognormal, as in the paper, offset 0)")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     return p.parse_args(argv)
@@ -66,19 +67,21 @@ def summarize(run_dir: Path, samplers: list[tuple[str, Path]]) -> str:
         lines.append(f"final policy version {last['policy_version']} after {last['step']} learner steps; "
                      f"rejections {last.get('rejections', {}) or 'none'}")
     learner_up = steps[-1].get("bytes_uploaded", 0) if steps else 0
-    stale_by_key = steps[-1].get("sampler_totals", {}) if steps else {}
+    totals_by_key = steps[-1].get("sampler_totals", {}) if steps else {}
     lines.append("")
-    lines.append(f"{'sampler':<14}{'key':<12}{'version':>8}{'sent':>7}{'accepted':>10}{'stale':>7}{'rejected':>10}"
-                 f"{'MB down':>9}{'MB up':>7}")
+    lines.append(f"{'sampler':<18}{'key':<10}{'version':>8}{'sent':>7}{'accepted':>10}{'mean lag':>10}{'stale':>7}"
+                 f"{'rejected':>10}{'MB down':>9}{'MB up':>7}")
     total_up = 0
     for name, state_dir in samplers:
         s = sampler_summary(state_dir)
         key = str(s.get("public_key", "")).removeprefix("ed25519:")[:8]
         rejected = s.get("rejections", {}) or {}
-        stale = stale_by_key.get(key, {}).get("stale", 0) + rejected.get("stale", 0)
+        totals = totals_by_key.get(key, {})
+        stale = totals.get("stale", 0) + rejected.get("stale", 0)
+        lag = f"{totals['lag_sum'] / totals['accepted']:.1f}" if totals.get("accepted") else "-"
         total_up += s.get("bytes_uploaded", 0)
-        lines.append(f"{name:<14}{key:<12}{s.get('policy_version', '-')!s:>8}{s.get('sent', 0):>7}"
-                     f"{s.get('accepted', 0):>10}{stale:>7}{sum(rejected.values()) - rejected.get('stale', 0):>10}"
+        lines.append(f"{name:<18}{key:<10}{s.get('policy_version', '-')!s:>8}{s.get('sent', 0):>7}"
+                     f"{s.get('accepted', 0):>10}{lag:>10}{stale:>7}{sum(rejected.values()) - rejected.get('stale', 0):>10}"
                      f"{s.get('bytes_down', 0) / 2**20:>9.1f}{s.get('bytes_uploaded', 0) / 2**20:>7.1f}")
     moved = learner_up + total_up
     if moved:
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run directory: {run_dir}", flush=True)
     try:
         learner_cmd = ["-m", "node.learner", "--config", RECIPE, "--run-dir", str(run_dir / "learner"),
-                       "--run-id", "demo", "--loss", args.loss, *LOOPBACK]
+                       "--run-id", "demo", "--loss", args.loss, *ONE_THREAD, *LOOPBACK]
         if args.steps:
             learner_cmd += ["--max-steps", str(args.steps)]
         learner = Proc(learner_cmd, run_dir / "learner.log")
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = (["--simulate-delay", "lognormal", "--delay-lower", str(args.slow_delay[0]), "--delay-upper",
                       str(args.slow_delay[1]), "--delay-offset", "0"] if slow else [])
             procs.append(Proc(["-m", "node.sampler", *join, "--state-dir", str(state_dir), "--batch-prompts", "4",
-                               "--seed", str(i), *LOOPBACK, *extra], run_dir / f"sampler-{i + 1}.log"))
+                               "--seed", str(i), *ONE_THREAD, *LOOPBACK, *extra], run_dir / f"sampler-{i + 1}.log"))
             samplers.append((name, state_dir))
         tty = sys.stdout.isatty()
         last_print = 0.0

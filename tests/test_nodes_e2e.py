@@ -20,12 +20,13 @@ pytestmark = pytest.mark.timeout(600)
 
 def learner_args(run_dir, *extra: str) -> list[str]:
     return ["-m", "node.learner", "--run-dir", str(run_dir), "--run-id", "e2e", "--group-size", "4",
-            "--groups-per-step", "2", "--eval-every", "0", "--reward-workers", "1", "--no-tensorboard", *LOOPBACK,
-            *extra]
+            "--groups-per-step", "2", "--eval-every", "0", "--reward-workers", "1", "--no-tensorboard", "--torch-threads",
+            "1", *LOOPBACK, *extra]
 
 
 def sampler_args(state_dir, join: list[str], *extra: str) -> list[str]:
-    return ["-m", "node.sampler", *join, "--state-dir", str(state_dir), "--batch-prompts", "2", *LOOPBACK, *extra]
+    return ["-m", "node.sampler", *join, "--state-dir", str(state_dir), "--batch-prompts", "2", "--torch-threads", "1",
+            *LOOPBACK, *extra]
 
 
 @pytest.mark.slow
@@ -87,7 +88,7 @@ def test_online_mode_runs_every_loss_type(tmp_path, loss):
     out = subprocess.run(
         [sys.executable, "-m", "node.learner", "--online", "--loss", loss, "--run-dir", str(run_dir), "--max-steps",
          "3", "--group-size", "4", "--groups-per-step", "2", "--eval-every", "3", "--eval-size", "20",
-         "--reward-workers", "1", "--no-tensorboard"],
+         "--reward-workers", "1", "--no-tensorboard", "--torch-threads", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
