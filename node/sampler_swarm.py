@@ -63,6 +63,7 @@ __all__ = ["SamplerSwarm", "LearnerInfo", "OutboxFull"]
 TRUST_FILE = "trusted_learner.txt"
 PUSH_BATCH = 32
 STATUS_MIN_INTERVAL = 5.0  # seconds between status records when report() changes them (else every ttl / 3)
+SUPERSEDED_STALL_S = 3.0  # seconds without progress before abandoning a download the learner no longer serves
 
 
 @dataclass
@@ -418,12 +419,17 @@ class SamplerSwarm:
             current = self._fetch_version
             if current == target:
                 return
-            stalled = f is not None and time.monotonic() - f.last_progress > max(30.0, 2 * self.config.stall_timeout)
+            idle = time.monotonic() - f.last_progress if f is not None else 0.0
+            # Once the learner has published keep_versions newer versions it no longer holds this one, and peers
+            # drop it as they move on: a download that stops moving then will not finish, so switch quickly.
+            superseded = current is None or target - current >= self.config.keep_versions
+            stalled = idle > (SUPERSEDED_STALL_S if superseded else max(30.0, 2 * self.config.stall_timeout))
             if not stalled:
                 return  # finish the current download first (guarantees progress when versions come fast)
             logger.info("download of version %s stalled; switching to version %d", current, target)
             self._fetch_task.cancel()
         self._fetch_version = target
+        self._fetcher = None  # the previous download's fetcher says nothing about this one's progress
         self._fetch_task = asyncio.create_task(self._fetch(target, info.manifest_digest))
 
     async def _fetch(self, version: int, digest: bytes) -> None:
