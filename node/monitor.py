@@ -44,6 +44,7 @@ class MonitorConfig:
     learner_key: Optional[str] = option(None, "trust only heartbeats signed by this key (ed25519:HEX); without it "
                                               "the freshest heartbeat is shown", metavar="ed25519:HEX")
     interval: float = option(5.0, "seconds between refreshes")
+    window: float = option(60.0, "rates span the records seen in about the last this-many seconds")
     once: bool = option(False, "print one snapshot and exit (same as --count 1)")
     count: int = option(0, "exit after this many snapshots (0: until Ctrl-C)")
     json: bool = option(False, "print snapshots as JSON (one object per line) instead of a table")
@@ -77,25 +78,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass
 class RateTracker:
-    """Per-node rates from successive records: (counter now - counter before) / (record time now - before)."""
+    """Per-node rates from successive records: (counter now - counter then) / (record time now - then), "then" being
+    the oldest record of that node seen within the last `window` seconds (so a rate spans up to `window` seconds and
+    one discrete event, such as a single learner step, does not swing it). A node seen once gets its average since
+    it started (counter / up_s)."""
 
-    previous: Dict[str, tuple] = field(default_factory=dict)  # node key -> (record time, counters)
+    window: float = 60.0
+    history: Dict[str, list] = field(default_factory=dict)  # node key -> [(record time, counters)], oldest first
 
     def rates(self, key: str, t: float, counters: Dict[str, int], names: tuple) -> tuple[Dict[str, float], str]:
         """Rates per second for `names`, and how they were obtained ("window Ns" or "average")."""
-        prev = self.previous.get(key)
-        if prev is not None and t > prev[0]:
-            dt = t - prev[0]
-            out = {n: max(0.0, counters.get(n, 0) - prev[1].get(n, 0)) / dt for n in names}
-            how = f"window {dt:.0f}s"
-        elif prev is not None:  # the node has not refreshed its record since: keep the last rates
-            return prev[2], prev[3]
-        else:
-            up = counters.get("up_s", 0)
-            out = {n: counters.get(n, 0) / up if up > 0 else 0.0 for n in names}
-            how = "average"
-        self.previous[key] = (t, dict(counters), out, how)
-        return out, how
+        hist = self.history.setdefault(key, [])
+        if not hist or t > hist[-1][0]:
+            hist.append((t, dict(counters)))
+        while len(hist) > 2 and hist[-1][0] - hist[1][0] >= self.window:
+            hist.pop(0)  # the span stays just over `window` seconds
+        t0, c0 = hist[0]
+        t1, c1 = hist[-1]
+        if t1 > t0:
+            dt = t1 - t0
+            return {n: max(0.0, c1.get(n, 0) - c0.get(n, 0)) / dt for n in names}, f"window {dt:.0f}s"
+        up = c1.get("up_s", 0)
+        return {n: c1.get(n, 0) / up if up > 0 else 0.0 for n in names}, "average"
 
 
 def snapshot(run_id: str, heartbeats: Dict[bytes, Any], statuses: Dict[bytes, Any], now: float,
@@ -193,7 +197,7 @@ class Monitor:
         )
         self.node = None
         self._validator = Ed25519OwnerValidator(cfg.run_id, None, learner=self.learner)
-        self.tracker = RateTracker()
+        self.tracker = RateTracker(window=cfg.window)
 
     def start(self) -> "Monitor":
         from node.dht import SwarmNode
@@ -277,8 +281,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not cfg.peers:
         print("error: --peers is required (the multiaddr a node prints, with /p2p/<peer id>)", file=sys.stderr)
         return EXIT_USAGE
-    if cfg.interval <= 0 or cfg.wait < 0:
-        print("error: --interval must be > 0 and --wait >= 0", file=sys.stderr)
+    if cfg.interval <= 0 or cfg.wait < 0 or cfg.window <= 0:
+        print("error: --interval and --window must be > 0, --wait >= 0", file=sys.stderr)
         return EXIT_USAGE
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: the daemons are shut down on the way out
     try:

@@ -63,6 +63,11 @@ def test_snapshot_rates_lag_and_table():
     silent = next(s for s in second["samplers"] if s["version"] == 7)
     assert silent["age_s"] == pytest.approx(12.0) and silent["lag"] == 8
 
+    # The rate spans every record within the window, not just the last two.
+    third = snapshot("r", {learner.public_key: hb(1020.0, 20, 80)}, {}, 1021.0, tracker)
+    assert third["learner"]["steps_per_s"] == pytest.approx(10 / 20) and third["learner"]["rate"] == "window 20s"
+    assert third["samplers"] == []
+
     table = render_table(second)
     assert "version 15" in table and "step 15" in table and "2 sampler(s)" in table
     assert s1.public_key_str[8:20] in table and s2.public_key_str[8:20] in table
