@@ -386,11 +386,13 @@ def greedy_completions(
     *,
     batch_size: int = 128,
     max_new_tokens: int = 16,
+    system_prompt: str | None = None,
 ) -> list[str]:
-    """Greedy completion text (special tokens removed) for each question, prompted with `format_prompt`."""
+    """Greedy completion text (special tokens removed) for each question, prompted with `format_prompt` (and the
+    same `system_prompt` as training, so a chat model is evaluated on the prompts it is trained on)."""
     from gepo.data import format_prompt
 
-    prompts = [format_prompt(tokenizer, q) for q in questions]
+    prompts = [format_prompt(tokenizer, q, system_prompt) for q in questions]
     eos_ids = resolve_eos_ids(tokenizer, model)
     pad_id = _pad_id(model, eos_ids, getattr(tokenizer, "pad_token_id", None))
     was_training = model.training

@@ -213,7 +213,8 @@ class Learner:
         assert self.eval_prompts is not None
         questions = [ex.question for ex in self.eval_prompts]
         with self._tokenizer_lock:
-            texts = greedy_completions(self.model, self.tokenizer, questions, max_new_tokens=self.cfg.max_new_tokens)
+            texts = greedy_completions(self.model, self.tokenizer, questions, max_new_tokens=self.cfg.max_new_tokens,
+                                       system_prompt=self.cfg.system_prompt)
         results = self.scorer.score(texts, [ex.answer for ex in self.eval_prompts])
         return sum(r.accuracy for r in results) / len(results)
 
