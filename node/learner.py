@@ -35,7 +35,7 @@ from gepo.sampling import generate_groups, greedy_completions
 from gepo.train_step import ScoredGroup, TrainStepConfig, train_step
 from node.checkpoint import RunState, latest_checkpoint, load_optimizer, load_run_state, save_checkpoint
 from node.dht import BootstrapError, ConfigError
-from node.cli import add_dataclass_args, dataclass_from_args, option, parse_with_recipe
+from node.cli import add_dataclass_args, add_process_args, dataclass_from_args, option, parse_with_recipe, setup_process
 from node.metrics import GracefulStop, MetricsWriter, StatusLine, quiet_transformers
 from node.model_io import (ModelLoadError, load_policy, policy_files, policy_tensors, resolve_device, resolve_dtype,
                            run_file)
@@ -90,9 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The gepo-swarm learner: verifies rollouts from the swarm, trains with GEPO (or another "
                     "objective) and publishes new policy versions.",
     )
-    parser.add_argument("--config", default=None, metavar="RECIPE.yaml",
-                        help="YAML recipe of option values (keys are option names); flags given here win")
-    parser.add_argument("--log-level", default="INFO", help="logging level")
+    add_process_args(parser)
     add_dataclass_args(parser, LearnerConfig, "learner")
     add_dataclass_args(parser, LossConfig, "objective (gepo.config.LossConfig)", rename={"loss_type": "loss"},
                        skip=("temperature", "max_completion_length"))
@@ -196,7 +194,7 @@ class Learner:
         return RunInfo(run_id=self.swarm_cfg.run_id if self.swarm_cfg else "online", group_size=self.cfg.group_size,
                        temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
                        max_new_tokens=self.cfg.max_new_tokens, system_prompt=self.cfg.system_prompt,
-                       prompts=QuestionSet.of(self.data_cfg, self.prompts))
+                       prompts=QuestionSet.of(self.data_cfg, self.prompts), max_staleness=self.cfg.max_staleness)
 
     def score(self, prompt_index: int, prompt_ids: Sequence[int], completions: Sequence[Sequence[int]],
               logprobs: Sequence[Sequence[float]], version: int) -> tuple[ScoredGroup, list[float]]:
@@ -388,6 +386,7 @@ class Learner:
         stats = self.sampler_stats[sampler]
         stats["accepted"] += 1
         stats["tokens"] += int(group.completion_lens.sum())
+        stats["lag_sum"] += lag
         pending.append((scored, acc, sampler))
 
     def _swarm_metrics(self, batch: list) -> dict[str, Any]:
@@ -449,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parse_with_recipe(parser, argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_process(args)
     quiet_transformers()
     stop = GracefulStop().install()
     try:
