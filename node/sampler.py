@@ -132,9 +132,12 @@ class Sampler:
         try:
             self.swarm.start(wait_for_learner=self.cfg.wait_learner)
         except TimeoutError:
+            pinned = (f"; only a learner signing with --learner-key {self.swarm_cfg.learner_key} is trusted: is that "
+                      f"the key the learner printed?" if self.swarm_cfg.learner_key else "")
             raise TimeoutError(f"no learner found within {self.cfg.wait_learner:.0f}s through "
                                f"{' '.join(self.swarm_cfg.peers) or '(no --peers given)'}: is the address right and "
-                               f"the learner running with the same --run-id ({self.swarm_cfg.run_id!r})?") from None
+                               f"the learner running with the same --run-id ({self.swarm_cfg.run_id!r})?{pinned}"
+                               ) from None
         log.info("joined as %s; learner %s", self.swarm.public_key_str, self.swarm.learner_key)
         version = self.swarm.wait_for_version(timeout=self.cfg.wait_weights)
         if version is None:

@@ -14,6 +14,7 @@ import pytest
 
 from node.metrics import read_metrics
 from node.local import LOOPBACK, REPO, Proc, join_args
+from protocol.identity import Identity, format_public_key
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -39,6 +40,13 @@ def test_learner_and_samplers_train_publish_stop_and_resume(tmp_path):
         procs.append(learner)
         join = join_args(learner)
         port = re.search(r"/tcp/(\d+)/", " ".join(join)).group(1)
+        # A sampler pinned to another key must not trust this learner, and says why in one line.
+        impostor_key = format_public_key(Identity.generate().public_key)
+        wrong = [a if not a.startswith("ed25519:") else impostor_key for a in join]
+        out = run_cli(*sampler_args(tmp_path / "s0", wrong, "--wait-learner", "5"), timeout=120)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "--learner-key" in errors[0], out.stderr[-2000:]
         fast = Proc(sampler_args(tmp_path / "s1", join), tmp_path / "s1.log")
         slow = Proc(sampler_args(tmp_path / "s2", join, "--simulate-delay", "fixed", "--delay-lower", "6"),
                     tmp_path / "s2.log")
