@@ -4,13 +4,20 @@ vLLM draws the tokens; the log-probs the learner needs are then recomputed with 
 at the learner's temperature, as the GEPO authors' own sampler does. That avoids the numeric mismatch between vLLM's
 kernels and the learner's, and vLLM's choice of raw versus processed log-probs, which differs across its versions.
 
-New versions are copied into vLLM's model in place when the engine exposes it (single-GPU engines do); otherwise the
-engine is rebuilt from the model folder, which is slower but works with any vLLM.
+A new version is written to the model folder and the engine reloads it in place:
+`LLM.collective_rpc("reload_weights")` makes every worker re-read the weights from the folder it was built from
+(vLLM's V1 workers have that method; a method name, unlike a function, needs no pickling into the engine-core
+process). The prefix cache is then reset, as its cached prompt KV was computed with the old weights. An engine
+without the method is rebuilt from the folder instead: slower, but works with any vLLM.
+
+Tested by tests/test_vllm_backend.py, which runs only where vllm is importable and CUDA is available.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +47,11 @@ class VLLMBackend:
     def _save(self, manifest: Any, buffer: Any) -> None:
         from safetensors.torch import save_file
 
-        save_file(torch_state_dict(manifest, buffer, copy=True), str(self.model_dir / "model.safetensors"),
-                  metadata={"format": "pt"})
+        # Written aside and renamed: the engine never sees a half-written file, and a reader still mapping the old
+        # one keeps its (unlinked) inode instead of having it truncated under it.
+        tmp = self.model_dir / "model.safetensors.tmp"
+        save_file(torch_state_dict(manifest, buffer, copy=True), str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, self.model_dir / "model.safetensors")
 
     def _engine(self) -> Any:
         from vllm import LLM
@@ -52,18 +62,18 @@ class VLLMBackend:
 
     def load(self, manifest: Any, buffer: Any) -> None:
         load_weights(self.hf_model, manifest, buffer)
-        try:
-            inner = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        except AttributeError:
-            inner = None
-        if inner is not None and hasattr(inner, "load_weights"):
-            inner.load_weights(weights=list(torch_state_dict(manifest, buffer, copy=True).items()))
-            return
-        log.info("this vLLM does not expose its model; rebuilding the engine for version %d", manifest.version)
-        del self.llm
-        torch.cuda.empty_cache()
         self._save(manifest, buffer)
-        self.llm = self._engine()
+        try:
+            self.llm.collective_rpc("reload_weights")
+        except Exception as exc:  # noqa: BLE001 - no in-place reload in this vLLM: rebuild the engine
+            log.info("vLLM could not reload in place (%s); rebuilding the engine for version %d",
+                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__, manifest.version)
+            del self.llm
+            gc.collect()
+            torch.cuda.empty_cache()
+            self.llm = self._engine()
+            return
+        self.llm.reset_prefix_cache()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GeneratedGroup]:
         from vllm import SamplingParams as VSamplingParams
