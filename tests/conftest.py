@@ -39,3 +39,15 @@ def seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module's in-process model runs (restored afterwards): the tiny models are
+    fastest on one, and on a shared 2-core machine extra threads spin at OpenMP barriers and crawl."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

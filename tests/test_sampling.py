@@ -19,14 +19,7 @@ from gepo.tiny_policy import load_tiny_policy
 
 QUESTIONS = ["What is 23 + 45?", "What is 7 + 8?", "What is 90 + 19?", "What is (12 * 3) - 4?"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tiny model is fastest on one thread, and a busy machine makes more threads much slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,15 +30,6 @@ def smollm2_dir(tmp_path_factory):
     return convert(tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct")
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: robust when the CPU is shared (extra threads spin at barriers); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_conversion_gives_a_plain_transformers_folder(smollm2_dir):
     import json
 

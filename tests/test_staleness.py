@@ -29,17 +29,10 @@ needs_policy = pytest.mark.skipif(
     not (tiny_policy_path() / "config.json").exists(), reason="the shipped tiny policy (assets/tiny-policy) is missing"
 )
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # one torch thread: these runs are tiny, and two spinning OpenMP threads on a busy 2-core machine crawl
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # small but real: the shipped tiny policy, a few steps, a small eval set
 SMALL = dict(steps=6, groups_per_step=4, group_size=4, eval_every=3, eval_size=40, lr=1e-3)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------ lag schedules

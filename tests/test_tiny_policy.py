@@ -21,13 +21,7 @@ from gepo.tiny_policy import (
 
 ACCURACY_TOLERANCE = 0.10  # 200 problems: the binomial standard error near 35% is 0.034
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
