@@ -41,14 +41,13 @@ Times are wall clock and process CPU time; on a shared machine CPU time is the s
 
 from __future__ import annotations
 
-# Only the standard library at module level: --probe-sampler must start like `python -m node.sampler` does.
+# Only the standard library (and node.local, which uses nothing else) at module level: --probe-sampler must start
+# like `python -m node.sampler` does.
 import argparse
 import json
 import os
 import platform
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -58,8 +57,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[2]
-LOOPBACK = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--no-nat-port-map", "--no-auto-nat", "--no-use-relay"]
+from node.local import LOOPBACK, Proc
+
 PROBE_TAG = "BENCH_NODES_EVENT "
 PARTS = ("gen", "train", "startup")
 MODELS = ("tiny", "large")
@@ -347,74 +346,23 @@ def profile_train(model, groups, cfg, pad, opt, bare, args) -> dict[str, dict[st
 # ================================================================================================== 3. startup
 
 
-class Node:
-    """A node process in its own session; output collected by a thread with receive times."""
+class Node(Proc):
+    """A node process (:class:`node.local.Proc`: own session, output collected, stopped by PID) whose probe events
+    (lines tagged ``PROBE_TAG`` by ``--probe-sampler``) are kept apart from its output."""
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str]) -> None:
-        self.log_path = log_path
-        self._log = log_path.open("w")
         self.t_spawn = time.time()
-        self.popen = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self.lines: list[tuple[float, str]] = []
         self.events: dict[str, float] = {}
         self.event_data: dict[str, dict[str, Any]] = {}
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(args, log_path, env)
 
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            now = time.time()
-            if line.startswith(PROBE_TAG):
-                ev = json.loads(line[len(PROBE_TAG):])
-                self.events.setdefault(ev["event"], ev["t"])
-                self.event_data.setdefault(ev["event"], ev)
-                continue
-            self.lines.append((now, line))
-            self._log.write(line)
-            self._log.flush()
-
-    def output(self) -> str:
-        return "".join(line for _, line in self.lines)
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = regex.search(self.output())
-            if match:
-                return match
-            if self.popen.poll() is not None:
-                time.sleep(0.3)
-                match = regex.search(self.output())
-                if match:
-                    return match
-                raise RuntimeError(f"{self.log_path.name} exited ({self.popen.returncode}) before {pattern!r}:\n"
-                                   + "".join(line for _, line in self.lines[-30:]))
-            time.sleep(0.02)
-        raise RuntimeError(f"{self.log_path.name}: no {pattern!r} within {timeout:.0f}s:\n"
-                           + "".join(line for _, line in self.lines[-30:]))
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM to the main process (a graceful stop; its handler is inherited by forked children, so they
-        are not signalled: a second signal would abort them), then SIGKILL to the whole process group."""
-        if self.popen.poll() is None:
-            try:
-                self.popen.send_signal(signal.SIGTERM)
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        self._reader.join(5)
-        self._log.close()
+    def on_line(self, line: str) -> None:
+        if line.startswith(PROBE_TAG):
+            ev = json.loads(line[len(PROBE_TAG):])
+            self.events.setdefault(ev["event"], ev["t"])
+            self.event_data.setdefault(ev["event"], ev)
+            return
+        super().on_line(line)
 
 
 def _read_hwm(pid: int) -> int | None:
@@ -586,10 +534,10 @@ def startup_run(i: int, probe: bool, tmp: Path, args: argparse.Namespace, mem: T
                 break
             if sampler.popen.poll() is not None and not (ledger.is_file() and ledger.stat().st_size > 0):
                 raise RuntimeError(f"sampler exited ({sampler.popen.returncode}) before a group was accepted:\n"
-                                   + sampler.output()[-3000:])
+                                   + sampler.output[-3000:])
             time.sleep(0.005)
         if t_accepted is None:
-            raise RuntimeError(f"no accepted group within {args.timeout}s:\n" + sampler.output()[-3000:])
+            raise RuntimeError(f"no accepted group within {args.timeout}s:\n" + sampler.output[-3000:])
         cpu_main, cpu_tree = _tree_cpu(sampler.popen.pid, mem)
         # Let the learner train on it and publish the next version, and the sampler drain and exit.
         _wait_step(run_dir, 1, args.timeout)
