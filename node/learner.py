@@ -13,14 +13,12 @@ import argparse
 import dataclasses
 import functools
 import logging
-import math
 import os
 import random
-import signal
 import sys
 import threading
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence

@@ -21,7 +21,6 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
-import sys
 import threading
 import time
 from collections import Counter

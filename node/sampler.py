@@ -13,7 +13,6 @@ seconds ago.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os

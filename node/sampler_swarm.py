@@ -43,7 +43,7 @@ from .fetcher import Blacklist, FetchStats, VersionFetcher, wait_event
 from .outbox import Outbox, OutboxFull
 from .ratelimit import TokenBucket
 from .records import read_haves, read_heartbeats, store_have, store_status
-from .weights_store import VersionBuffer, WeightStore, unpack_bits
+from .weights_store import WeightStore, unpack_bits
 from .wire import (
     RemoteError,
     WireError,
@@ -52,7 +52,6 @@ from .wire import (
     open_stream,
     proto_name,
     recv_frame,
-    recv_header,
     send_frame,
 )
 

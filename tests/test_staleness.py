@@ -22,7 +22,7 @@ from gepo.staleness import (
     run_staleness,
 )
 from gepo.tiny_policy import load_tiny_policy, tiny_policy_path
-from gepo.train_step import ScoredGroup, TrainStepConfig, _collate, completion_logits
+from gepo.train_step import ScoredGroup, _collate, completion_logits
 from gepo.logprobs import token_logprobs
 
 needs_policy = pytest.mark.skipif(
