@@ -104,14 +104,16 @@ def test_monitor_shows_a_live_swarm(tmp_path):
     try:
         learner = Proc(["-m", "node.learner", "--run-dir", str(tmp_path / "learner"), "--run-id", "mon",
                         "--group-size", "4", "--groups-per-step", "2", "--max-steps", "1000", "--eval-every", "0",
-                        "--reward-workers", "1", "--no-tensorboard", *LOOPBACK], tmp_path / "learner.log")
+                        "--reward-workers", "1", "--no-tensorboard", "--torch-threads", "1",
+                        # no group may be rejected as stale however the queues grow: rejected == 0 is asserted below
+                        "--max-staleness", "100000", *LOOPBACK], tmp_path / "learner.log")
         procs.append(learner)
         join = join_args(learner)
         peers = join[join.index("--peers") + 1]
         key = join[join.index("--learner-key") + 1]
         for i in range(2):
             procs.append(Proc(["-m", "node.sampler", *join, "--state-dir", str(tmp_path / f"s{i}"),
-                               "--batch-prompts", "2", *LOOPBACK], tmp_path / f"s{i}.log"))
+                               "--batch-prompts", "2", "--torch-threads", "1", *LOOPBACK], tmp_path / f"s{i}.log"))
         learner.wait_for(r"step [3-9]\d*/1000", timeout=180)
 
         # JSON lines, three snapshots: versions, lag and counters, and rates from successive records.
