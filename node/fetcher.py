@@ -33,24 +33,10 @@ import numpy as np
 
 from .weights_store import VersionBuffer, pack_bits, unpack_bits
 from .wire import RemoteError, WireError, close_writer, encode_frame, open_stream, recv_header, recv_payload
+from .loop import wait_event
 from .wire import recv_payload_into, send_frame
 
 logger = logging.getLogger(__name__)
-
-
-async def wait_event(event: asyncio.Event, timeout: float) -> bool:
-    """``event.wait()`` bounded by ``timeout``; True if set. (No extra task on Python >= 3.11.)"""
-    if event.is_set():
-        return True
-    try:
-        if hasattr(asyncio, "timeout"):
-            async with asyncio.timeout(timeout):
-                await event.wait()
-        else:  # pragma: no cover - Python 3.10
-            await asyncio.wait_for(event.wait(), timeout)
-        return True
-    except (asyncio.TimeoutError, TimeoutError):
-        return False
 
 
 class Blacklist:

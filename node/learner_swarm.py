@@ -34,7 +34,7 @@ from protocol.records import MAX_BITMAP_BYTES, Ed25519OwnerValidator
 from .chunk_server import ChunkRationer, ChunkServer
 from .config import SwarmConfig
 from .dht import SwarmNode, join_command
-from .loop import snapshot
+from .loop import snapshot, wait_event
 from .inbox import Accepted, DurableInbox
 from .ratelimit import TokenBucket
 from .records import store_heartbeat
@@ -179,10 +179,7 @@ class LearnerSwarm:
     async def _heartbeat_loop(self) -> None:
         period = max(0.5, self.config.heartbeat_ttl / 3)
         while True:
-            try:
-                await asyncio.wait_for(self._hb_wake.wait(), period)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._hb_wake, period)
             self._hb_wake.clear()
             try:
                 await self._store_heartbeat()

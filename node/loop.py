@@ -109,3 +109,18 @@ def snapshot(mapping: Mapping) -> Dict:
         except RuntimeError:  # changed size during iteration
             continue
     return {}
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """``event.wait()`` bounded by ``timeout``; True if set. (No extra task on Python >= 3.11.)"""
+    if event.is_set():
+        return True
+    try:
+        if hasattr(asyncio, "timeout"):
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        else:  # pragma: no cover - Python 3.10
+            await asyncio.wait_for(event.wait(), timeout)
+        return True
+    except (asyncio.TimeoutError, TimeoutError):
+        return False

@@ -38,8 +38,8 @@ from protocol.records import Ed25519OwnerValidator, LearnerHeartbeat
 from .chunk_server import ChunkServer
 from .config import SwarmConfig
 from .dht import SwarmNode
-from .loop import snapshot
-from .fetcher import Blacklist, FetchStats, VersionFetcher, wait_event
+from .loop import snapshot, wait_event
+from .fetcher import Blacklist, FetchStats, VersionFetcher
 from .outbox import Outbox, OutboxFull
 from .ratelimit import TokenBucket
 from .records import read_haves, read_heartbeats, store_have, store_status
@@ -252,10 +252,7 @@ class SamplerSwarm:
                 raise
             except Exception as e:
                 logger.warning("learner lookup failed: %r", e)
-            try:
-                await asyncio.wait_for(self._watch_wake.wait(), self.config.poll_interval)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._watch_wake, self.config.poll_interval)
             self._watch_wake.clear()
 
     async def _poll_learner(self) -> bool:
@@ -323,10 +320,7 @@ class SamplerSwarm:
         while True:
             if not len(self.outbox) or self.learner is None:
                 self._send_wake.clear()
-                try:
-                    await asyncio.wait_for(self._send_wake.wait(), 5.0)
-                except asyncio.TimeoutError:
-                    pass
+                await wait_event(self._send_wake, 5.0)
                 continue
             try:
                 retry_after = await self._deliver_batch()
@@ -395,10 +389,7 @@ class SamplerSwarm:
 
     async def _manager_loop(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._manager_wake.wait(), 2.0)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._manager_wake, 2.0)
             self._manager_wake.clear()
             try:
                 self._maybe_start_fetch()
@@ -532,10 +523,7 @@ class SamplerSwarm:
             wait = cfg.peer_record_ttl / 3
             if self._status_dirty:
                 wait = min(wait, max(0.05, last_status + STATUS_MIN_INTERVAL - time.monotonic()))
-            try:
-                await asyncio.wait_for(self._announce_wake.wait(), wait)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._announce_wake, wait)
             self._announce_wake.clear()
             now = time.monotonic()
             try:
