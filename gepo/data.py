@@ -18,8 +18,8 @@ import logging
 import operator
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
 
 from gepo.synthetic import SyntheticArithmetic
 
@@ -101,6 +101,7 @@ class PromptExample:
     index: int  # position in its PromptSet
     question: str
     answer: str  # the gold answer, as text (what gepo.rewards compares against)
+    columns: Mapping[str, Any] = field(default_factory=dict)  # the row's dataset columns as read (reward plug-ins)
 
 
 class PromptSet(ABC):
@@ -152,7 +153,8 @@ class SyntheticPromptSet(PromptSet):
 class TablePromptSet(PromptSet):
     """Questions and gold answers read from a table (file or hub dataset), held in memory in source order."""
 
-    def __init__(self, name: str, questions: list[str], answers: list[str]) -> None:
+    def __init__(self, name: str, questions: list[str], answers: list[str],
+                 columns: dict[str, list[Any]] | None = None) -> None:
         if len(questions) != len(answers):
             raise DataError(f"{name}: {len(questions)} questions but {len(answers)} answers")
         if not questions:
@@ -160,12 +162,14 @@ class TablePromptSet(PromptSet):
         self.name = name
         self._questions = questions
         self._answers = answers
+        self._columns = columns or {}
 
     def __len__(self) -> int:
         return len(self._questions)
 
     def _get(self, index: int) -> PromptExample:
-        return PromptExample(index, self._questions[index], self._answers[index])
+        columns = {k: v[index] for k, v in self._columns.items()}
+        return PromptExample(index, self._questions[index], self._answers[index], columns)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -210,7 +214,7 @@ def _load_table(cfg: DataConfig) -> TablePromptSet:
         _gold_answer(a, cfg.answer_format, name, i)
         for i, a in enumerate(_text_column(dataset[cfg.answer_field], name, cfg.answer_field))
     ]
-    return TablePromptSet(name, questions, answers)
+    return TablePromptSet(name, questions, answers, dataset.to_dict())
 
 
 def _load_local(cfg: DataConfig) -> Any:

@@ -23,9 +23,12 @@ T = TypeVar("T")
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices: Iterable[Any] | None = None,
-           default_factory: Callable[[], Any] | Any = dataclasses.MISSING, metavar: str | None = None) -> Any:
-    """A dataclass field with the help text (and choices) its command-line flag shows."""
-    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "metavar": metavar}
+           default_factory: Callable[[], Any] | Any = dataclasses.MISSING, metavar: str | None = None,
+           repeat: bool = False) -> Any:
+    """A dataclass field with the help text (and choices) its command-line flag shows. A list field takes several
+    values after one flag (`--x a b`), or with `repeat=True` one value per flag, repeated (`--x a --x b`)."""
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "metavar": metavar,
+                "repeat": repeat}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -100,14 +103,27 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str, *
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         origin = typing.get_origin(tp)
-        if origin in (list, tuple):
-            (item,) = typing.get_args(tp)[:1]
-            group.add_argument(flag, nargs="*", type=item, **kwargs)
-            continue
-        parse = _parse_optional(tp) if optional else tp
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
+        if origin in (list, tuple):
+            (item,) = typing.get_args(tp)[:1]
+            if f.metadata.get("repeat"):
+                group.add_argument(flag, action=_AppendOverDefault, type=item, **kwargs)
+            else:
+                group.add_argument(flag, nargs="*", type=item, **kwargs)
+            continue
+        parse = _parse_optional(tp) if optional else tp
         group.add_argument(flag, type=parse, **kwargs)
+
+
+class _AppendOverDefault(argparse.Action):
+    """A repeatable flag whose values replace the default (or a recipe's list) rather than extend it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest, None)
+        items = [] if current is None or current is parser.get_default(self.dest) else current
+        setattr(namespace, self.dest, [*items, values])
 
 
 def dataclass_from_args(cls: type[T], args: argparse.Namespace, prefix: str = "", **overrides: Any) -> T:

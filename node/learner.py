@@ -18,7 +18,7 @@ import random
 import sys
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,9 +27,11 @@ import numpy as np
 import torch
 
 from gepo.config import LossConfig
-from gepo.data import DataConfig, DataError, PromptSet, assign_prompt_index, format_prompt, load_prompts
-from gepo.rewards import RewardConfig, RewardScorer
-from gepo.sampling import generate_groups, greedy_completions
+from gepo.data import DataConfig, DataError, assign_prompt_index, format_prompt, load_prompts
+from gepo.evaluation import evaluate as evaluate_held_out, held_out_split
+from gepo.reward_funcs import RewardRunner, resolve_reward_specs
+from gepo.rewards import RewardConfig
+from gepo.sampling import generate_groups
 from gepo.train_step import ScoredGroup, TrainStepConfig, train_step
 from node.checkpoint import RunState, latest_checkpoint, load_optimizer, load_run_state, save_checkpoint
 from node.dht import BootstrapError, ConfigError
@@ -38,6 +40,7 @@ from node.metrics import GracefulStop, MetricsWriter, StatusLine, quiet_transfor
 from node.model_io import (ModelLoadError, load_policy, policy_files, policy_tensors, resolve_device, resolve_dtype,
                            run_file)
 from node.run_info import QuestionSet, RunInfo
+from node.trackers import REPORT_TO_CHOICES, Trackers, wants_tensorboard
 from protocol.errors import ProtocolError, Reason
 from protocol.rollout import RolloutGroup, prompt_hash
 
@@ -65,8 +68,14 @@ class LearnerConfig:
                                         "told to wait (back-pressure keeps rollouts fresh)")
     publish_every: int = option(1, "publish a new version to the swarm every N steps")
     checkpoint_every: int = option(50, "write a checkpoint every N steps (and at the end)")
-    eval_every: int = option(20, "held-out greedy accuracy every N steps (0: off)")
+    eval_every: int = option(20, "held-out evaluation (greedy pass@1, sampled mean@k) every N steps (0: off)")
     eval_size: int = option(200, "held-out problems per evaluation")
+    eval_dataset: str | None = option(None, "held-out set: a file or hub id, read with the --data-* field options "
+                                            "(unset: --eval-fraction, else the synthetic task's test split)")
+    eval_split: str = option("test", "split of --eval-dataset")
+    eval_fraction: float = option(0.0, "hold out the last this-fraction of the training set for evaluation and "
+                                       "train on the rest (0: off)")
+    eval_k: int = option(0, "also sample k completions per held-out problem and report mean@k (0: greedy only)")
     temperature: float = option(1.0, "sampling temperature, imposed on samplers and used by the loss")
     top_p: float = option(1.0, "nucleus sampling mass imposed on samplers")
     top_k: int = option(0, "top-k imposed on samplers (0: off)")
@@ -74,10 +83,21 @@ class LearnerConfig:
     system_prompt: str | None = option(None, "system prompt for chat-template models")
     accuracy_weight: float = option(1.0, "reward = accuracy_weight * correct + format_weight * well-formed")
     format_weight: float = option(0.0, "weight of the <think>...</think><answer>...</answer> format reward")
-    reward_workers: int = option(2, "math-verify worker processes")
+    reward: list[str] = option(default_factory=list, metavar="MODULE:FUNCTION[=WEIGHT]", repeat=True,
+                               help="a reward function f(prompts, completions, **columns) -> list[float | None], "
+                                    "repeatable; module is a dotted import path or a .py file; 'accuracy=W' and "
+                                    "'format=W' set the built-ins' weights (docs/REWARDS.md)")
+    reward_timeout: float = option(10.0, "seconds a plug-in reward may take per group before its worker is killed "
+                                         "(the group then scores None for it; counted)")
+    reward_workers: int = option(2, "math-verify worker processes (and as many for reward plug-ins)")
     wait_timeout: float = option(0.0, "swarm mode: give up after this many seconds without any rollout (0: never)")
     seed: int = option(0, "seed for the model-side randomness (online sampling, shuffles)")
-    tensorboard: bool = option(True, "also write TensorBoard scalars")
+    tensorboard: bool = option(True, "also write TensorBoard scalars (--no-tensorboard overrides --report-to)")
+    report_to: list[str] = option(default_factory=lambda: ["tensorboard"], choices=REPORT_TO_CHOICES,
+                                  help="trackers besides metrics.jsonl, via accelerate (all: every one installed)")
+    log_completions_every: int = option(0, "every N steps, a table of sample prompts, completions and rewards to "
+                                           "completions.jsonl and the trackers (0: off)")
+    log_completions_count: int = option(4, "rows of that table (one completion of each of the latest groups)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,10 +162,12 @@ class Learner:
         self.counters: Counter = Counter(self.state.counters.get("counters", {}))
         self.rejections: Counter = Counter(self.state.counters.get("rejections", {}))
 
-        self.prompts: PromptSet = load_prompts(data)
-        self.eval_prompts: PromptSet | None = None
-        if cfg.eval_every > 0 and data.source == "synthetic":
-            self.eval_prompts = load_prompts(dataclasses.replace(data, split="test", max_examples=cfg.eval_size))
+        # With --eval-fraction the training set (and what samplers are told of it) excludes the held-out slice.
+        self.data_cfg, self.prompts, self.eval_prompts = held_out_split(
+            data, load_prompts(data), eval_dataset=cfg.eval_dataset, eval_split=cfg.eval_split,
+            eval_fraction=cfg.eval_fraction, eval_size=cfg.eval_size)
+        if cfg.eval_every <= 0:
+            self.eval_prompts = None
         self.train_model = self.model
         if self.acc is not None:
             if cfg.groups_per_step % self.acc.num_processes:
@@ -155,13 +177,18 @@ class Learner:
             self.model = self.acc.unwrap_model(self.train_model)  # generation, evaluation and publishing
             if checkpoint:
                 load_optimizer(checkpoint, self.optimizer, accelerator=self.acc, after_prepare=True)
-        self.scorer = RewardScorer(RewardConfig(accuracy_weight=cfg.accuracy_weight, format_weight=cfg.format_weight,
-                                                num_workers=cfg.reward_workers))
-        self.scorer.warm_up()
+        self.rewards = RewardRunner(resolve_reward_specs(cfg.reward, cfg.accuracy_weight, cfg.format_weight),
+                                    RewardConfig(num_workers=cfg.reward_workers), timeout_s=cfg.reward_timeout,
+                                    plugin_workers=cfg.reward_workers)
+        self.rewards.warm_up()
+        self.recent_completions: deque[list[Any]] = deque(maxlen=max(1, cfg.log_completions_count))
         self.step_cfg = TrainStepConfig(loss=self.loss, micro_batch_rows=cfg.micro_batch_rows,
                                         max_grad_norm=cfg.max_grad_norm, shuffle_seed=cfg.seed)
+        trackers = Trackers(cfg.report_to, self.run_dir, project=swarm_cfg.run_id if swarm_cfg else "gepo",
+                            config={**dataclasses.asdict(self.loss), **dataclasses.asdict(cfg)}) if self.is_main else None
         self.metrics = MetricsWriter(self.run_dir if self.is_main else self.run_dir / f"rank{self.acc.process_index}",
-                                     tensorboard=cfg.tensorboard and self.is_main)
+                                     tensorboard=cfg.tensorboard and self.is_main and wants_tensorboard(cfg.report_to),
+                                     trackers=trackers)
         self.status = StatusLine(quiet=not self.is_main)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._tokenizer_lock = threading.Lock()  # HF tokenizers are not safe to share across threads
@@ -199,20 +226,23 @@ class Learner:
         """The learner's own rewards for a group (a sampler's reward is never used). Returns (group, accuracies)."""
         with self._tokenizer_lock:
             texts = [self.tokenizer.decode(list(c), skip_special_tokens=True) for c in completions]
-        gold = self.prompts[prompt_index].answer
-        results = self.scorer.score(texts, [gold] * len(texts))
+        example = self.prompts[prompt_index]
+        scored = self.rewards.score([example] * len(texts), texts, completions)
         group = ScoredGroup(list(prompt_ids), [list(c) for c in completions], [list(lp) for lp in logprobs],
-                            [r.total for r in results], version)
-        return group, [r.accuracy for r in results]
+                            scored.totals, version)
+        if self.cfg.log_completions_every > 0 and texts:  # one row per group for the completions table
+            self.recent_completions.append([version, example.question, texts[0], scored.totals[0],
+                                            *(scored.per_function[n][0] for n in self.rewards.names)])
+        return group, scored.accuracy
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out metrics (gepo.evaluation): greedy pass@1, reward, and mean@k when --eval-k > 0."""
         assert self.eval_prompts is not None
-        questions = [ex.question for ex in self.eval_prompts]
         with self._tokenizer_lock:
-            texts = greedy_completions(self.model, self.tokenizer, questions, max_new_tokens=self.cfg.max_new_tokens,
-                                       system_prompt=self.cfg.system_prompt)
-        results = self.scorer.score(texts, [ex.answer for ex in self.eval_prompts])
-        return sum(r.accuracy for r in results) / len(results)
+            return evaluate_held_out(self.model, self.tokenizer, self.eval_prompts, self.rewards,
+                                     max_new_tokens=self.cfg.max_new_tokens, system_prompt=self.cfg.system_prompt,
+                                     k=self.cfg.eval_k, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                     top_k=self.cfg.top_k, seed=self.cfg.seed + self.state.step)
 
     def _my_share(self, items: list) -> list:
         return items if self.acc is None else items[self.acc.process_index :: self.acc.num_processes]
@@ -229,13 +259,19 @@ class Learner:
         metrics["accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0
         metrics["policy_version"] = self.version
         metrics.update(extra)
+        metrics.update(self.rewards.step_metrics())
         lags = [self.version - 1 - g.policy_version for g in groups]
         metrics["staleness_hist"] = dict(Counter(lags))
         if self.is_main and self.eval_prompts is not None and (self.state.step % self.cfg.eval_every == 0
                                                                or self.state.step == self.cfg.max_steps):
-            self.last_eval = self.evaluate()
-            metrics["eval_accuracy"] = self.last_eval
+            metrics.update(self.evaluate())
+            self.last_eval = metrics["eval_accuracy"]
         self.metrics.write(self.state.step, metrics)
+        every = self.cfg.log_completions_every
+        if self.is_main and every > 0 and self.state.step % every == 0 and self.recent_completions:
+            self.metrics.write_table(self.state.step, "completions",
+                                     ["policy_version", "prompt", "completion", "reward", *self.rewards.names],
+                                     list(self.recent_completions))
         if self.state.step % self.cfg.checkpoint_every == 0 or self.state.step >= self.cfg.max_steps:
             self.checkpoint()
         return metrics
@@ -245,7 +281,7 @@ class Learner:
         save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.state, accelerator=self.acc)
 
     def close(self) -> None:
-        self.scorer.close()
+        self.rewards.close()
         self.metrics.close()
         self.status.close()
         if self.swarm is not None:
@@ -426,8 +462,9 @@ class Learner:
             log.info("already at step %d >= --max-steps %d; nothing to do", self.state.step, self.cfg.max_steps)
             return
         if self.is_main and self.eval_prompts is not None and self.state.step == 0:
-            self.last_eval = self.evaluate()
-            self.metrics.write(0, {"eval_accuracy": self.last_eval, "policy_version": 0})
+            before = self.evaluate()
+            self.last_eval = before["eval_accuracy"]
+            self.metrics.write(0, {**before, "policy_version": 0})
             log.info("held-out accuracy before training: %.3f", self.last_eval)
         if self.cfg.online:
             self.run_online()

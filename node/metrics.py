@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 class MetricsWriter:
     """Appends each step's metrics to `metrics.jsonl` (resumable) and mirrors the scalars to TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, trackers: Any = None) -> None:
         self.run_dir = Path(run_dir)
+        self.trackers = trackers  # node.trackers.Trackers (wandb and others), or None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         self._file = self.path.open("a", buffering=1)
@@ -38,11 +39,32 @@ class MetricsWriter:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
+        if self.trackers is not None:
+            self.trackers.log(step, metrics)
+
+    def write_table(self, step: int, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A small table (e.g. sample completions): one JSON line per row in `<name>.jsonl`, a Markdown text entry in
+        TensorBoard, and a table in the trackers that have tables (wandb)."""
+        with (self.run_dir / f"{name}.jsonl").open("a") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **dict(zip(columns, row))}, default=_jsonable) + "\n")
+        if self._tb is not None:
+            lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(_markdown_cell(v) for v in row) + " |" for row in rows]
+            self._tb.add_text(name, "\n".join(lines), step)
+        if self.trackers is not None:
+            self.trackers.log_table(step, name, columns, rows)
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self.trackers is not None:
+            self.trackers.close()
+
+
+def _markdown_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def _jsonable(value: Any) -> Any:
