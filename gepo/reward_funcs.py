@@ -420,6 +420,7 @@ class RewardFunctionPool:
         try:
             call_id, kind, value = lane.worker.conn.recv()
         except (EOFError, OSError):
+            lane.worker.process.join(1)  # reap it, for its exit code
             results[call.call_id] = ("crash", f"its worker died (exit code {lane.worker.process.exitcode})")
             self._replace(lane)
             self._send_next(lane, results)

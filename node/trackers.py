@@ -64,8 +64,10 @@ class Trackers:
         self.trackers: list[Any] = []
         if not names:
             return
+        from accelerate import PartialState
         from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
+        PartialState()  # accelerate's trackers log through its logger, which needs the (single-process) state
         missing = [n for n in names if n not in _available(names)]
         if missing:
             raise TrackerError(f"--report-to {' '.join(missing)}: not installed (pip install {' '.join(missing)})")
