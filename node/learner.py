@@ -138,6 +138,9 @@ class Learner:
         if not self.is_main:
             logging.getLogger().setLevel(logging.WARNING)  # one rank speaks for the run
         self.device = str(self.acc.device) if self.acc is not None else resolve_device(cfg.device)
+        # Trackers first: a missing or unstartable one is an error before minutes of loading.
+        trackers = Trackers(cfg.report_to, self.run_dir, project=swarm_cfg.run_id if swarm_cfg else "gepo",
+                            config={**dataclasses.asdict(self.loss), **dataclasses.asdict(cfg)}) if self.is_main else None
         dtype = resolve_dtype(cfg.dtype, self.device)
         self.state = RunState()
         checkpoint = latest_checkpoint(self.run_dir) if cfg.resume else None
@@ -184,8 +187,6 @@ class Learner:
         self.recent_completions: deque[list[Any]] = deque(maxlen=max(1, cfg.log_completions_count))
         self.step_cfg = TrainStepConfig(loss=self.loss, micro_batch_rows=cfg.micro_batch_rows,
                                         max_grad_norm=cfg.max_grad_norm, shuffle_seed=cfg.seed)
-        trackers = Trackers(cfg.report_to, self.run_dir, project=swarm_cfg.run_id if swarm_cfg else "gepo",
-                            config={**dataclasses.asdict(self.loss), **dataclasses.asdict(cfg)}) if self.is_main else None
         self.metrics = MetricsWriter(self.run_dir if self.is_main else self.run_dir / f"rank{self.acc.process_index}",
                                      tensorboard=cfg.tensorboard and self.is_main and wants_tensorboard(cfg.report_to),
                                      trackers=trackers)
