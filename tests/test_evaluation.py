@@ -164,12 +164,12 @@ def test_swarm_run_with_eval_fraction_keeps_samplers_on_the_training_set(tmp_pat
     run_dir = tmp_path / "learner"
     procs = []
     try:
-        lrn = Proc([sys.executable, "-m", "node.learner", "--run-dir", str(run_dir), "--run-id", "evalfrac",
+        lrn = Proc(["-m", "node.learner", "--run-dir", str(run_dir), "--run-id", "evalfrac",
                     "--group-size", "4", "--groups-per-step", "2", "--reward-workers", "1", "--no-tensorboard",
                     "--torch-threads", "1", "--data-size", "500", "--eval-fraction", "0.2", "--eval-size", "20",
                     "--eval-every", "3", "--max-steps", "3", *LOOPBACK], tmp_path / "learner.log")
         procs.append(lrn)
-        sampler = Proc([sys.executable, "-m", "node.sampler", *join_args(lrn), "--state-dir", str(tmp_path / "s"),
+        sampler = Proc(["-m", "node.sampler", *join_args(lrn), "--state-dir", str(tmp_path / "s"),
                         "--batch-prompts", "2", "--torch-threads", "1", *LOOPBACK], tmp_path / "sampler.log")
         procs.append(sampler)
         lrn.wait_for(r"done: step 3", timeout=400)
