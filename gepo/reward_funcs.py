@@ -41,7 +41,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_connections
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from gepo.rewards import (RewardConfig, RewardScorer, RewardWorkerError, _context, _cpu_bound_next_check,
+from gepo.rewards import (RewardConfig, RewardScorer, RewardWorkerError, _context, _cpu_bound_next_check, _Worker,
                           _worker_setup, format_reward as _format_one, score_completions)
 
 logger = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def _check_output(values: Any, n: int) -> list[float | None]:
 # Worker pool for plug-in functions
 
 
-def _pool_worker_main(conn: Connection, targets: list[str], memory_mb: int | None, cpu_seconds: float) -> None:
+def _pool_worker_main(conn: Connection, memory_mb: int | None, cpu_seconds: float, targets: list[str]) -> None:
     """Import every plug-in, say ready (or why not), then serve (call_id, function index, prompts, completions,
     kwargs) calls one at a time, replying (call_id, "ok", values) or (call_id, kind, one-line message)."""
     _worker_setup(memory_mb)
@@ -265,28 +265,9 @@ def _pool_worker_main(conn: Connection, targets: list[str], memory_mb: int | Non
             conn.send((call_id, "error", f"reply could not be sent: {_one_line(e)}"))
 
 
-class _PoolWorker:
-    def __init__(self, ctx: Any, targets: list[str], config: RewardConfig, timeout_s: float) -> None:
-        parent_conn, child_conn = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_pool_worker_main, name="gepo-reward-plugin",
-                                   args=(child_conn, targets, config.worker_memory_mb, 5 * timeout_s + 5),
-                                   daemon=True)
-        self.process.start()
-        child_conn.close()
-        self.conn = parent_conn
-        self.ready = False
-
-    def stop(self, graceful: bool = True) -> None:
-        if graceful and self.process.is_alive():
-            try:
-                self.conn.send(None)
-            except (OSError, ValueError):
-                pass
-            self.process.join(0.5)
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(5)
-        self.conn.close()
+def _pool_worker(ctx: Any, targets: list[str], config: RewardConfig, timeout_s: float) -> _Worker:
+    return _Worker(ctx, config, target=_pool_worker_main, extra=(targets,), timeout_s=timeout_s,
+                   name="gepo-reward-plugin")
 
 
 @dataclass
@@ -300,7 +281,7 @@ class _Call:
 class _PoolLane:
     """One worker's share of one run() call."""
 
-    worker: _PoolWorker
+    worker: _Worker
     calls: deque
     deadline: float = 0.0
 
@@ -321,7 +302,7 @@ class RewardFunctionPool:
         self.num_workers = max(1, num_workers)
         self._lock = threading.Lock()
         self._ctx = _context(config.start_method)
-        self._workers: list[_PoolWorker] = []
+        self._workers: list[_Worker] = []
         self._closed = False
         self._next_id = 0
 
@@ -380,9 +361,9 @@ class RewardFunctionPool:
         if self._closed:
             raise RewardWorkerError("the reward function pool is closed")
         while len(self._workers) < self.num_workers:
-            self._workers.append(_PoolWorker(self._ctx, self.targets, self.config, self.timeout_s))
+            self._workers.append(_pool_worker(self._ctx, self.targets, self.config, self.timeout_s))
 
-    def _ready(self, worker: _PoolWorker) -> str | None:
+    def _ready(self, worker: _Worker) -> str | None:
         """None once `worker` has imported the plug-ins, else why it cannot (within the start-up timeout)."""
         if worker.ready:
             return None
@@ -432,7 +413,7 @@ class RewardFunctionPool:
 
     def _replace(self, lane: _PoolLane) -> None:
         lane.worker.stop(graceful=False)
-        worker = _PoolWorker(self._ctx, self.targets, self.config, self.timeout_s)
+        worker = _pool_worker(self._ctx, self.targets, self.config, self.timeout_s)
         self._workers[self._workers.index(lane.worker)] = worker
         lane.worker = worker
 

@@ -423,14 +423,18 @@ def _context(start_method: str) -> multiprocessing.context.BaseContext:
 
 
 class _Worker:
-    def __init__(self, ctx: multiprocessing.context.BaseContext, config: RewardConfig) -> None:
+    """A worker process and the parent's end of its pipe. `target(conn, worker_memory_mb, cpu_seconds, *extra)` is
+    what it runs (math-verify checks by default; gepo.reward_funcs runs reward plug-ins with it)."""
+
+    def __init__(self, ctx: multiprocessing.context.BaseContext, config: RewardConfig, target: Any = None,
+                 extra: tuple = (), timeout_s: float | None = None, name: str = "gepo-reward-worker") -> None:
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         # CPU backstop for orphans: well past the wall-clock deadline, so it never fires while the parent lives.
-        cpu_seconds = 5 * config.timeout_s + 5
+        cpu_seconds = 5 * (timeout_s or config.timeout_s) + 5
         self.process = ctx.Process(
-            target=_worker_main,
-            args=(child_conn, config.worker_memory_mb, cpu_seconds),
-            name="gepo-reward-worker",
+            target=target or _worker_main,
+            args=(child_conn, config.worker_memory_mb, cpu_seconds, *extra),
+            name=name,
             daemon=True,
         )
         self.process.start()

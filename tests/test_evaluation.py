@@ -169,7 +169,7 @@ def test_swarm_run_with_eval_fraction_keeps_samplers_on_the_training_set(tmp_pat
                     "--torch-threads", "1", "--data-size", "500", "--eval-fraction", "0.2", "--eval-size", "20",
                     "--eval-every", "3", "--max-steps", "3", *LOOPBACK], tmp_path / "learner.log")
         procs.append(lrn)
-        sampler = Proc(["-m", "node.sampler", *join_args(lrn), "--state-dir", str(tmp_path / "s"),
+        sampler = Proc(["-m", "node.sampler", *join_args(lrn, timeout=300), "--state-dir", str(tmp_path / "s"),
                         "--batch-prompts", "2", "--torch-threads", "1", *LOOPBACK], tmp_path / "sampler.log")
         procs.append(sampler)
         lrn.wait_for(r"done: step 3", timeout=400)
