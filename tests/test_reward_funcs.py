@@ -162,9 +162,8 @@ def test_a_module_that_cannot_be_imported_fails_at_start_up(tmp_path):
 
 
 def test_reward_flag_is_repeatable_and_a_recipe_key(tmp_path):
-    from node.cli import parse_with_recipe
+    from node.cli import dataclass_from_args, parse_with_recipe
     from node.learner import LearnerConfig, build_parser
-    from node.cli import dataclass_from_args
 
     def parse(*argv):
         return dataclass_from_args(LearnerConfig, parse_with_recipe(build_parser(), list(argv)))
