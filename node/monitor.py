@@ -14,8 +14,9 @@ node (their signed times); a node seen once is shown with its average since it s
     python -m node.monitor --peers /ip4/1.2.3.4/tcp/31337/p2p/Qm... [--run-id gepo] [--interval 5]
     python -m node.monitor --peers ... --once            # one table, then exit
     python -m node.monitor --peers ... --once --json     # one JSON object (with --count N: JSON lines)
+    python -m node.monitor --peers ... --web 127.0.0.1:8080   # also a web page with live charts (node/web)
 
-Exit status: 0 done, 2 bad arguments, 3 no peer reachable, 4 no learner heartbeat found (``--once``/``--count``).
+Exit status: 0 done, 2 bad arguments (a bad --web address too), 3 no peer reachable, 4 no learner heartbeat found (``--once``/``--count``).
 """
 
 from __future__ import annotations

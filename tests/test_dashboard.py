@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from node.local import LOOPBACK, REPO, Proc, join_args
+from node.local import LOOPBACK, REPO, Proc, join_args, stop_all
 from node.monitor import RateTracker, snapshot
 from node.web.dashboard import Dashboard, DashboardServer, WebAddressError, parse_address
 from protocol.identity import Identity
@@ -198,7 +198,8 @@ def test_dashboard_in_a_browser_shows_a_live_swarm(tmp_path):
         learner = Proc(["-m", "node.learner", "--run-dir", str(tmp_path / "learner"), "--run-id", "dash",
                         "--group-size", "4", "--groups-per-step", "2", "--max-steps", "1000", "--eval-every", "2",
                         "--eval-size", "8", "--reward-workers", "1", "--no-tensorboard", "--torch-threads", "1",
-                        *LOOPBACK], tmp_path / "learner.log")
+                        # no group may be rejected as stale however the queues grow: rejected == 0 is asserted below
+                        "--max-staleness", "100000", *LOOPBACK], tmp_path / "learner.log")
         procs.append(learner)
         join = join_args(learner)
         peers = join[join.index("--peers") + 1]
@@ -212,9 +213,9 @@ def test_dashboard_in_a_browser_shows_a_live_swarm(tmp_path):
 
         with Chromium(binary, width=1280, height=900) as page:
             page.open(url)
-            # The page fills in once the learner trains and both samplers have reported.
-            first = page.wait_for(f"(s => s.samplers.length === 2 && Number(s.tiles.step) >= 1 && s)({PAGE})",
-                                  timeout=150)
+            # The page fills in once the learner trains and both samplers have sent groups.
+            first = page.wait_for(f"(s => s.samplers.length === 2 && s.samplers.every(r => Number(r.cells[6]) >= 1)"
+                                  f" && Number(s.tiles.step) >= 1 && s)({PAGE})", timeout=150)
             # ...and keeps updating while it stays open: the plots grow by several points.
             later = page.wait_for(
                 f"(s => s.plots['plot-reward'].points >= {first['plots']['plot-reward']['points']} + 3"
@@ -252,5 +253,4 @@ def test_dashboard_in_a_browser_shows_a_live_swarm(tmp_path):
         if os.environ.get("GEPO_DASHBOARD_SCREENSHOT"):  # docs/MONITOR.md's picture comes from here
             shutil.copy(shot, os.environ["GEPO_DASHBOARD_SCREENSHOT"])
     finally:
-        for p in procs:
-            p.stop()
+        stop_all(procs)
