@@ -16,7 +16,8 @@ node (their signed times); a node seen once is shown with its average since it s
     python -m node.monitor --peers ... --once --json     # one JSON object (with --count N: JSON lines)
     python -m node.monitor --peers ... --web 127.0.0.1:8080   # also a web page with live charts (node/web)
 
-Exit status: 0 done, 2 bad arguments (a bad --web address too), 3 no peer reachable, 4 no learner heartbeat found (``--once``/``--count``).
+Exit status: 0 done, 2 bad arguments (a bad --web address too), 3 no peer reachable, 4 no learner heartbeat found
+(``--once``/``--count``).
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def snapshot(run_id: str, heartbeats: Dict[bytes, Any], statuses: Dict[bytes, An
             "accepted": c.get("accepted"), "rejected": c.get("rejected"), "stale": c.get("stale"),
             "duplicate": c.get("duplicate"), "busy": c.get("busy"), "tokens": c.get("tokens"), "up_s": c.get("up_s"),
             "reward_mean": _milli(c, "reward_mean"), "eval_accuracy": _milli(c, "eval_accuracy"),
-            "staleness_mean": _milli(c, "staleness_mean"), "weights_mb": round(hb.weights_size / 2**20, 1), "age_s": round(max(0.0, now - hb.time), 1),
+            "staleness_mean": _milli(c, "staleness_mean"),
+            "weights_mb": round(hb.weights_size / 2**20, 1), "age_s": round(max(0.0, now - hb.time), 1),
             "other_heartbeats": len(heartbeats) - 1,
         }
     samplers = []

@@ -55,6 +55,7 @@ class Chromium:
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
         self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
         self.call("Runtime.enable")
+        self.call("Log.enable")  # failed loads, CSP violations, ...
         self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
                   mobile=False)
 
@@ -128,11 +129,21 @@ class Chromium:
         with open(path, "wb") as f:
             f.write(base64.b64decode(data))
 
-    def exceptions(self) -> list[str]:
-        """Uncaught JavaScript errors the page has thrown so far."""
-        return [e["params"]["exceptionDetails"].get("text", "") + " "
-                + str(e["params"]["exceptionDetails"].get("exception", {}).get("description", ""))
-                for e in self.events if e.get("method") == "Runtime.exceptionThrown"]
+    def errors(self) -> list[str]:
+        """What the page reported as errors so far: uncaught exceptions, console.error calls, and the browser's own
+        error log (a resource that failed to load, a blocked script or style, ...)."""
+        out = []
+        for e in self.events:
+            method, params = e.get("method"), e.get("params", {})
+            if method == "Runtime.exceptionThrown":
+                details = params["exceptionDetails"]
+                out.append(f"{details.get('text', '')} {details.get('exception', {}).get('description', '')}")
+            elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
+                out.append("console.error: " + " ".join(str(a.get("value", a.get("description")))
+                                                        for a in params.get("args", [])))
+            elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
+                out.append(f"{params['entry'].get('text')} ({params['entry'].get('url', '')})")
+        return out
 
     def close(self) -> None:
         try:

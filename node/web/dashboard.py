@@ -104,21 +104,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (stdlib name)
         path = self.path.split("?", 1)[0]
         if path == "/api/state":
-            return self._send(200, "application/json", self.server.dashboard.body(), cache=False)
+            return self._send(200, "application/json", self.server.dashboard.body())
         if path in ("/", "/index.html"):
             path = "/static/index.html"
-        name = path[len("/static/"):] if path.startswith("/static/") else None
-        if name and name in self.server.static_files:
+        name = path[len("/static/"):] if path.startswith("/static/") else ""
+        if name in self.server.static_files:
             return self._send(200, _TYPES.get(Path(name).suffix, "application/octet-stream"),
-                              (STATIC / name).read_bytes(), cache=name != "index.html")
-        self._send(404, "text/plain; charset=utf-8", b"not found\n", cache=False)
+                              self.server.static_files[name])
+        self._send(404, "text/plain; charset=utf-8", b"not found\n")
 
-    def _send(self, code: int, ctype: str, body: bytes, cache: bool) -> None:
+    def _send(self, code: int, ctype: str, body: bytes) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "max-age=3600" if cache else "no-store")
+        self.send_header("Cache-Control", "no-store")  # small files; a new version of the package shows at once
         self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:")  # nothing else loads
         self.end_headers()
         self.wfile.write(body)
 
@@ -141,7 +142,7 @@ class DashboardServer(http.server.ThreadingHTTPServer):
             raise WebAddressError(f"--web {host}:{port}: unknown host ({exc.strerror})") from None
         self.address_family = infos[0][0]
         self.dashboard = dashboard
-        self.static_files = frozenset(p.name for p in STATIC.iterdir() if p.is_file())
+        self.static_files = {p.name: p.read_bytes() for p in STATIC.iterdir() if p.is_file()}  # ~70 KB, read once
         self._slots = threading.BoundedSemaphore(max_connections)
         handler = type("Handler", (_Handler,), {"timeout": request_timeout})
         try:

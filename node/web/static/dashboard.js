@@ -5,8 +5,26 @@
 const COLORS = ["#2563eb", "#d97706", "#dc2626", "#059669"];
 // y ranges: accuracy is a fraction; counts and lags start at 0 (and an all-zero series still gets a small axis)
 const fromZero = (u, min, max) => [0, max > 0 ? max * 1.15 : 1];
+// the reward of one step is noisy (a few groups): a trailing mean over the last 10 snapshots goes beside it
+const SMOOTH = 10;
+function trailingMean(values) {
+  const out = [];
+  let sum = 0, n = 0;
+  const window = [];
+  for (const v of values) {
+    window.push(v);
+    if (v !== null && v !== undefined) { sum += v; n += 1; }
+    if (window.length > SMOOTH) {
+      const old = window.shift();
+      if (old !== null && old !== undefined) { sum -= old; n -= 1; }
+    }
+    out.push(n ? sum / n : null);
+  }
+  return out;
+}
+
 const PLOTS = [
-  { id: "plot-reward", series: [["reward_mean", "reward"]] },
+  { id: "plot-reward", series: [["reward_mean", "reward"], ["reward_mean", "mean of last " + SMOOTH, trailingMean]] },
   { id: "plot-accuracy", series: [["eval_accuracy", "accuracy"]], range: [0, 1] },
   { id: "plot-staleness", series: [["staleness_mean", "trained groups (mean)"], ["max_lag", "max sampler lag"]],
     range: fromZero },
@@ -109,6 +127,12 @@ function renderSamplers(samplers) {
   }));
 }
 
+function clock(t, seconds) {  // local wall-clock time of a snapshot: 14:05 or 14:05:30
+  const d = new Date(t * 1000);
+  const pad = (n) => String(n).padStart(2, "0");
+  return pad(d.getHours()) + ":" + pad(d.getMinutes()) + (seconds ? ":" + pad(d.getSeconds()) : "");
+}
+
 function chartWidth(figure) {
   return Math.max(240, figure.querySelector(".chart").clientWidth);
 }
@@ -118,10 +142,11 @@ function makeChart(plot) {
   const opts = {
     width: chartWidth(figure), height: 200,
     scales: { x: { time: true }, y: plot.range ? { range: plot.range } : {} },
-    series: [{}, ...plot.series.map(([, label], i) => ({
+    series: [{ value: (u, t) => (t === null ? "-" : clock(t, true)) }, ...plot.series.map(([, label], i) => ({
       label, stroke: COLORS[i], width: 2, spanGaps: true, points: { show: false },
     }))],
-    axes: [{ stroke: "#6b7280", grid: { stroke: "#f0f1f3" } },
+    axes: [{ stroke: "#6b7280", grid: { stroke: "#f0f1f3" }, space: 70,
+             values: (u, splits) => splits.map((t) => clock(t, splits.length > 1 && splits[1] - splits[0] < 60)) },
            { stroke: "#6b7280", grid: { stroke: "#f0f1f3" }, ...(plot.counts ? { incrs: COUNT_STEPS } : {}) }],
     legend: { live: true },
   };
@@ -132,7 +157,7 @@ function renderPlots(history) {
   for (const plot of PLOTS) {
     const figure = $(plot.id);
     charts[plot.id] = charts[plot.id] || makeChart(plot);
-    const data = [history.t, ...plot.series.map(([key]) => history[key])];
+    const data = [history.t, ...plot.series.map(([key, , derive]) => (derive ? derive(history[key]) : history[key]))];
     charts[plot.id].setData(data);
     const points = data[1].filter((v) => v !== null && v !== undefined).length;
     if (figure.dataset.firstPoints === undefined) figure.dataset.firstPoints = points;
