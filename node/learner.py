@@ -195,6 +195,7 @@ class Learner:
         self._tokenizer_lock = threading.Lock()  # HF tokenizers are not safe to share across threads
         self.sampler_stats: dict[str, Counter] = defaultdict(Counter)
         self.last_eval: float | None = None
+        self.last_metrics: dict[str, Any] = {}  # the latest step's, for the heartbeat (node.monitor's plots)
         self.swarm = None
         self.stop = stop or GracefulStop()
         self.prompt_ids = functools.lru_cache(maxsize=65536)(self._prompt_ids)
@@ -273,6 +274,7 @@ class Learner:
             self.metrics.write_table(self.state.step, "completions",
                                      ["policy_version", "prompt", "completion", "reward", *self.rewards.names],
                                      list(self.recent_completions))
+        self.last_metrics = metrics
         if self.state.step % self.cfg.checkpoint_every == 0 or self.state.step >= self.cfg.max_steps:
             self.checkpoint()
         return metrics
@@ -334,11 +336,16 @@ class Learner:
         return int(marker.read_text()) if marker.is_file() else None
 
     def publish(self) -> None:
+        from protocol.records import milli_counters
+
         tensors = policy_tensors(self.model)
         files = {**policy_files(self.model, self.tokenizer), **run_file(self.run_info().to_json())}
         t0 = time.perf_counter()
         self.swarm.report(step=self.state.step, stale=self.counters["dropped_stale"],  # heartbeat: node.monitor
-                          tokens=self.counters["tokens_trained"])
+                          tokens=self.counters["tokens_trained"],
+                          **milli_counters(reward_mean=self.last_metrics.get("reward_mean"),
+                                           staleness_mean=self.last_metrics.get("staleness_mean"),
+                                           eval_accuracy=self.last_eval))
         self.swarm.publish_state(self.version, tensors, files=files,
                                  parent=self.version - self.cfg.publish_every if self.version else None)
         self.counters["published"] += 1

@@ -14,8 +14,10 @@ node (their signed times); a node seen once is shown with its average since it s
     python -m node.monitor --peers /ip4/1.2.3.4/tcp/31337/p2p/Qm... [--run-id gepo] [--interval 5]
     python -m node.monitor --peers ... --once            # one table, then exit
     python -m node.monitor --peers ... --once --json     # one JSON object (with --count N: JSON lines)
+    python -m node.monitor --peers ... --web 127.0.0.1:8080   # also a web page with live charts (node/web)
 
-Exit status: 0 done, 2 bad arguments, 3 no peer reachable, 4 no learner heartbeat found (``--once``/``--count``).
+Exit status: 0 done, 2 bad arguments (a bad --web address too), 3 no peer reachable, 4 no learner heartbeat found
+(``--once``/``--count``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class MonitorConfig:
     startup_timeout: float = option(30.0, "seconds for starting the local libp2p daemon and DHT")
     bootstrap_timeout: float = option(5.0, "seconds for reaching each --peers address")
     dht_timeout: float = option(5.0, "seconds for each DHT read")
+    web: Optional[str] = option(None, "also serve a web dashboard (table and live plots) at HOST:PORT, e.g. "
+                                      "127.0.0.1:8080 (port 0: any free one); bound only there", metavar="HOST:PORT")
+    web_history: int = option(720, "snapshots the dashboard's plots keep (720 at --interval 5: one hour)")
     log_level: str = option("WARNING", "logging level")
 
 
@@ -118,7 +123,9 @@ def snapshot(run_id: str, heartbeats: Dict[bytes, Any], statuses: Dict[bytes, An
             "step": c.get("step"), "steps_per_s": rates["step" if "step" in c else "version"],
             "groups_per_s": rates["accepted"], "tokens_per_s": rates["tokens"], "rate": how,
             "accepted": c.get("accepted"), "rejected": c.get("rejected"), "stale": c.get("stale"),
-            "duplicate": c.get("duplicate"), "tokens": c.get("tokens"), "up_s": c.get("up_s"),
+            "duplicate": c.get("duplicate"), "busy": c.get("busy"), "tokens": c.get("tokens"), "up_s": c.get("up_s"),
+            "reward_mean": _milli(c, "reward_mean"), "eval_accuracy": _milli(c, "eval_accuracy"),
+            "staleness_mean": _milli(c, "staleness_mean"),
             "weights_mb": round(hb.weights_size / 2**20, 1), "age_s": round(max(0.0, now - hb.time), 1),
             "other_heartbeats": len(heartbeats) - 1,
         }
@@ -136,6 +143,12 @@ def snapshot(run_id: str, heartbeats: Dict[bytes, Any], statuses: Dict[bytes, An
         })
     samplers.sort(key=lambda s: s["key"])
     return {"run_id": run_id, "time": now, "learner": learner, "samplers": samplers}
+
+
+def _milli(counters: Dict[str, int], name: str) -> Optional[float]:
+    """A fraction the learner sends in thousandths (protocol.records.milli_counters), or None if it sent none."""
+    value = counters.get(name + "_milli")
+    return None if value is None else value / 1000
 
 
 def _num(value: Any, fmt: str = "{:d}") -> str:
@@ -232,24 +245,47 @@ class Monitor:
             self.node = None
 
 
-def _emit(snap: Dict[str, Any], as_json: bool, out: TextIO, redraw: bool) -> None:
+def _emit(snap: Dict[str, Any], as_json: bool, out: TextIO, redraw: bool, footer: str = "") -> None:
     if as_json:
         out.write(json.dumps(snap, sort_keys=True) + "\n")
     else:
-        out.write(("\x1b[H\x1b[2J" if redraw else "") + render_table(snap) + "\n" + ("" if redraw else "\n"))
+        out.write(("\x1b[H\x1b[2J" if redraw else "") + render_table(snap) + "\n" + footer
+                  + ("" if redraw else "\n"))
     out.flush()
 
 
 def run(cfg: MonitorConfig, out: TextIO = sys.stdout) -> int:
     count = 1 if cfg.once else max(0, cfg.count)
     redraw = not cfg.json and count != 1 and out.isatty()
+    server, footer = None, ""
+    if cfg.web:  # bound before the DHT starts, so a bad address fails at once
+        from node.web.dashboard import Dashboard, DashboardServer, parse_address
+
+        server = DashboardServer(parse_address(cfg.web), Dashboard(cfg.web_history, cfg.interval)).start()
+        footer = f"dashboard: {server.url}\n"
+        print(footer, end="", file=sys.stderr, flush=True)
+    try:
+        return _watch(cfg, out, count, redraw, server.dashboard if server else None, footer)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _watch(cfg: MonitorConfig, out: TextIO, count: int, redraw: bool, dashboard: Any, footer: str) -> int:
     monitor = Monitor(cfg).start()
+
+    def take() -> Dict[str, Any]:
+        snap = monitor.snapshot()
+        if dashboard is not None:
+            dashboard.update(snap)
+        return snap
+
     try:
         deadline = time.monotonic() + cfg.wait
-        snap = monitor.snapshot()
+        snap = take()
         while snap["learner"] is None and time.monotonic() < deadline:
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-            snap = monitor.snapshot()
+            snap = take()
         if snap["learner"] is None and count:
             _emit(snap, cfg.json, out, redraw)
             print(f"error: no learner heartbeat for run {cfg.run_id!r} within {cfg.wait:.0f}s through "
@@ -257,12 +293,12 @@ def run(cfg: MonitorConfig, out: TextIO = sys.stdout) -> int:
             return EXIT_NO_LEARNER
         shown = 0
         while True:
-            _emit(snap, cfg.json, out, redraw)
+            _emit(snap, cfg.json, out, redraw, footer)
             shown += 1
             if count and shown >= count:
                 return EXIT_OK
             time.sleep(cfg.interval)
-            snap = monitor.snapshot()
+            snap = take()
     finally:
         monitor.close()
 
@@ -281,9 +317,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not cfg.peers:
         print("error: --peers is required (the multiaddr a node prints, with /p2p/<peer id>)", file=sys.stderr)
         return EXIT_USAGE
-    if cfg.interval <= 0 or cfg.wait < 0 or cfg.window <= 0:
-        print("error: --interval and --window must be > 0, --wait >= 0", file=sys.stderr)
+    if cfg.interval <= 0 or cfg.wait < 0 or cfg.window <= 0 or cfg.web_history < 1:
+        print("error: --interval and --window must be > 0, --wait >= 0, --web-history >= 1", file=sys.stderr)
         return EXIT_USAGE
+    if cfg.web:
+        from node.web.dashboard import WebAddressError, parse_address
+
+        try:
+            parse_address(cfg.web)
+        except WebAddressError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: the daemons are shut down on the way out
     try:
         return run(cfg)

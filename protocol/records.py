@@ -97,6 +97,17 @@ def _req_counters(c: Any) -> Dict[str, int]:
     return {req_str(k, "counter name", 32, 1): req_int(v, "counter value") for k, v in c.items()}
 
 
+def milli_counters(**values: Optional[float]) -> Dict[str, int]:
+    """Fractional progress numbers as heartbeat counters, which are non-negative integers on the wire: ``x`` becomes
+    ``x_milli`` = round(1000 * value). A value that is None, not finite, negative or too large is left out rather
+    than sent (a counter outside [0, 2**63) would make every reader drop the whole heartbeat)."""
+    out = {}
+    for name, value in values.items():
+        if value is not None and math.isfinite(value) and 0 <= value < 2**53 / 1000:
+            out[f"{name}_milli"] = int(round(1000 * value))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class LearnerHeartbeat:
     """The learner's announcement of its latest policy version. Only the learner key may write it."""
@@ -110,7 +121,8 @@ class LearnerHeartbeat:
     weights_size: int  # bytes of the flat weight buffer (manifest.total_size)
     multiaddrs: Tuple[str, ...] = ()
     time: float = 0.0
-    #: optional progress counters (step, accepted, rejected, ...; at most 16). Omitted from the encoding when empty,
+    #: optional progress counters (step, accepted, rejected, ..., and fractions in thousandths such as
+    #: ``reward_mean_milli``, see :func:`milli_counters`; at most 16). Omitted from the encoding when empty,
     #: so a heartbeat without counters is byte-for-byte what readers that predate the field accept.
     counters: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
