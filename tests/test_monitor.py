@@ -147,7 +147,7 @@ def test_monitor_shows_a_live_swarm(tmp_path):
 
         # A run id nobody uses: no learner, a clear error.
         out = monitor("--peers", peers, "--run-id", "nobody", "--once", "--wait", "2", *LOOPBACK)
-        assert out.returncode == 4 and "no learner heartbeat" in out.stderr and "Traceback" not in out.stderr
+        assert out.returncode == 3 and "no learner heartbeat" in out.stderr and "Traceback" not in out.stderr
     finally:
         for p in procs:
             p.stop()
