@@ -217,7 +217,7 @@ def _recipe_value(action: argparse.Action, key: str, value: Any, where: str) -> 
 def parse_with_recipe(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """Parse `argv`, taking defaults from `--config recipe.yaml` when given; explicit flags win. TRL / open-r1 names
     (node/trl_names.py) are accepted in both."""
-    from node.trl_names import translate, translate_argv
+    from node.trl_names import TABLE as TRL_TABLE, translate, translate_argv
 
     argv = list(sys.argv[1:] if argv is None else argv)
     names = _option_names(parser)
@@ -231,8 +231,9 @@ def parse_with_recipe(parser: argparse.ArgumentParser, argv: list[str] | None = 
             recipe = translate(load_recipe(known.config), where, known=set(names))
             unknown = sorted(k for k in recipe if k not in names)
             if unknown:
-                hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, names, 1)) else k
-                         for k in unknown]
+                spellings = [*names, *TRL_TABLE]
+                hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, spellings, 1))
+                         else k for k in unknown]
                 raise ConfigError(f"{where}: unknown options: {', '.join(hints)} "
                                   f"(keys are the flag names of {parser.prog} --help)")
             parser.set_defaults(**{names[k].dest: _recipe_value(names[k], k, v, where) for k, v in recipe.items()})
