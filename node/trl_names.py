@@ -49,8 +49,16 @@ def _report_to(value: Any, key: str) -> bool:
 
 
 def _only(allowed: Any, why: str) -> Callable[[Any, str], None]:
+    def same(value: Any) -> bool:
+        if isinstance(allowed, (int, float)):
+            try:
+                return float(value) == float(allowed)
+            except (TypeError, ValueError):
+                return False
+        return str(value).strip().lower() == str(allowed).lower()
+
     def check(value: Any, key: str) -> None:
-        if str(value).strip().lower() != str(allowed).lower():
+        if not same(value):
             raise ConfigError(f"{key}: {value!r} has no equivalent here ({why}); remove it or set it to {allowed}")
 
     return check
@@ -124,9 +132,12 @@ IGNORED = {
 TRL_DEFAULTS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "num_generations": 8}
 
 
-def translate(options: dict[str, Any], where: str, *, known: set[str]) -> dict[str, Any]:
+def translate(options: dict[str, Any], where: str, *, known: set[str], given: set[str] = frozenset()
+              ) -> dict[str, Any]:
     """`options` (underscore names -> values) with TRL / open-r1 names replaced by this project's; `known` are the
-    program's own option names (they are never translated: `dtype`, `beta` mean the same in both)."""
+    program's own option names (they are never translated: `dtype`, `beta` mean the same in both); `given` are
+    the project's options set elsewhere (on the command line beside these), which TRL-derived values never override."""
+    given = set(given) | {k for k in options if k in known}
     out = {k: v for k, v in options.items() if k in known or (k not in TABLE and k not in IGNORED)}
     ignored = sorted(k for k in options if k in IGNORED and k not in known)
     if ignored:
@@ -139,14 +150,14 @@ def translate(options: dict[str, Any], where: str, *, known: set[str]) -> dict[s
         converted = convert(value, f"{where}: {key}") if convert is not None else value
         if target is None:
             continue
-        if target in out and target not in trl:
+        if target in given:
             raise ConfigError(f"{where}: give {key} (TRL's name) or {target}, not both")
         out[target] = converted
-    if "epsilon" in trl and "epsilon_high" not in options:
+    if "epsilon" in trl and "epsilon_high" not in given:
         out["epsilon_high"] = trl["epsilon"]  # TRL: epsilon_high defaults to epsilon
     if "reward_funcs" in trl or "reward_weights" in trl:
         out.update(_reward_weights(trl.get("reward_funcs", ["accuracy"]), trl.get("reward_weights"), where))
-    if ({"per_device_train_batch_size", "gradient_accumulation_steps"} & trl.keys()) and "groups_per_step" not in out:
+    if {"per_device_train_batch_size", "gradient_accumulation_steps"} & trl.keys() and "groups_per_step" not in given:
         out["groups_per_step"] = _groups_per_step(trl, out, where)
     return out
 
@@ -199,7 +210,9 @@ def translate_argv(argv: list[str], *, known: set[str]) -> list[str]:
         options[key] = True if not values else values[0] if len(values) == 1 else values
     if not options:
         return argv
-    translated = translate(options, "command line", known=known)
+    names = {t[2:].partition("=")[0].replace("-", "_") for t in rest if t.startswith("--")}
+    given = {n[3:] if n.startswith("no_") else n for n in names}
+    translated = translate(options, "command line", known=known, given=given)
     flags: list[str] = []
     for key, value in translated.items():
         flag = "--" + key.replace("_", "-")
