@@ -78,8 +78,8 @@ class LossConfig:
 
     logprob_chunk_rows: int = 128
     """Token positions whose logits are upcast to float32 at once when log-probs and entropies are taken: the
-    memory/speed trade-off of log-prob extraction. Extra memory besides the gradient buffer is ~2-3 x chunk x vocab x 4 bytes
-    (128 x 32k vocab: ~40 MB); on a GPU a larger chunk (512-2048) saves kernel launches."""
+    memory/speed trade-off of log-prob extraction. Extra memory besides the gradient buffer is ~2-3 x chunk x vocab x
+    4 bytes (128 x 32k vocab: ~40 MB); on a GPU a larger chunk (512-2048) saves kernel launches."""
 
     def __post_init__(self) -> None:
         def one_of(name: str, allowed: tuple[str, ...]) -> None:

@@ -246,7 +246,8 @@ def parse_with_recipe(parser: argparse.ArgumentParser, argv: list[str] | None = 
 def add_process_args(parser: argparse.ArgumentParser) -> None:
     """Flags every node program has: a recipe, the log level and torch's thread count."""
     parser.add_argument("--config", default=None, metavar="RECIPE.yaml",
-                        help="YAML recipe of option values (keys are option names); flags given here win")
+                        help="YAML recipe of option values (keys are option names, or TRL/open-r1 names); flags given "
+                             "here win (default: none)")
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="logging level (default: INFO)")
     parser.add_argument("--torch-threads", type=int, default=0, metavar="N",

@@ -42,8 +42,8 @@ class SwarmConfig:
     use_auto_relay: bool = option(False, "look for relays to become reachable yourself when behind a NAT")
     nat_port_map: bool = option(True, "try UPnP/NAT-PMP port mapping on the router")
     auto_nat: bool = option(True, "run libp2p AutoNAT to detect reachability")
-    learner_key: Optional[str] = option(None, "public key of the learner to trust, as the learner prints it; without it "
-                                              "the first learner found is trusted (with a loud warning)",
+    learner_key: Optional[str] = option(None, "public key of the learner to trust, as the learner prints it; without "
+                                              "it the first learner found is trusted (with a loud warning)",
                                         metavar="ed25519:HEX", role="sampler")
     state_dir: Optional[str] = option(None, "directory for the outbox, downloaded weights, inbox and key files "
                                             "(learner default: RUN_DIR/swarm; sampler default: "

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "lag, throughput and rejects, from the signed DHT records. Needs only --peers.",
     )
     parser.add_argument("--config", default=None, metavar="RECIPE.yaml",
-                        help="YAML file of option values (keys are option names); flags given here win")
+                        help="YAML file of option values (keys are option names); flags given here win (default: none)")
     add_dataclass_args(parser, MonitorConfig, "monitor")
     return parser
 

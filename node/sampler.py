@@ -149,7 +149,8 @@ class Sampler:
             others = self.swarm.untrusted_learners
             if others:
                 raise TrustError(
-                    f"the swarm's learner signs with {others[0]}, but this sampler trusts only {self.swarm.learner_key} "
+                    f"the swarm's learner signs with {others[0]}, but this sampler trusts only "
+                    f"{self.swarm.learner_key} "
                     f"(remembered in {self.swarm_cfg.state_dir}/trusted_learner.txt from an earlier run): if the new "
                     f"learner is yours, restart with --learner-key {others[0]}") from None
             pinned = (f"; only a learner signing with --learner-key {self.swarm_cfg.learner_key} is trusted: is that "

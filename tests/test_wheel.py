@@ -45,7 +45,8 @@ print(unmet)
 
 def sh(*argv: str | Path, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     out = subprocess.run([str(a) for a in argv], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert out.returncode == 0, f"{' '.join(map(str, argv))} -> {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    command = " ".join(map(str, argv))
+    assert out.returncode == 0, f"{command} -> {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     return out
 
 
