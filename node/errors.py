@@ -15,6 +15,8 @@ This module imports nothing heavy: the programs check their arguments before loa
 
 from __future__ import annotations
 
+import sys
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -38,3 +40,15 @@ class ModelLoadError(RuntimeError):
 
 class TrustError(RuntimeError):
     """The swarm answered, but with a learner this node does not trust. Exit status 4."""
+
+
+def fail(exc: BaseException, status: int | None = None) -> int:
+    """Print `exc` as the one `error:` line and return the exit status of its class (or `status`)."""
+    if status is None:
+        status = next((code for cls, code in _STATUS if isinstance(exc, cls)), EXIT_FAILURE)
+    print(f"error: {exc}", file=sys.stderr)
+    return status
+
+
+_STATUS = ((ConfigError, EXIT_USAGE), (TrustError, EXIT_TRUST), (BootstrapError, EXIT_UNREACHABLE),
+           (TimeoutError, EXIT_UNREACHABLE))

@@ -27,8 +27,7 @@ from gepo.config import ADVANTAGE_STDS, AGGREGATIONS, GEPO_GROUPINGS, LOSS_TYPES
 from gepo.data import ANSWER_FORMATS, DataConfig, DataError, assign_prompt_index, format_prompt, load_prompts
 from node.cli import (ArgumentParser, add_dataclass_args, add_process_args, dataclass_from_args, option,
                       parse_with_recipe, program_name, setup_process)
-from node.errors import (EXIT_INTERRUPTED, EXIT_UNREACHABLE, EXIT_USAGE, BootstrapError, ConfigError,
-                         ModelLoadError)
+from node.errors import EXIT_INTERRUPTED, EXIT_USAGE, BootstrapError, ConfigError, ModelLoadError, fail
 from node.metrics import GracefulStop, MetricsWriter, StatusLine, quiet_transformers
 from node.preflight import DTYPES, check_dataset, check_model, check_swarm_args, parse_device
 
@@ -479,8 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.online:
             check_swarm_args(swarm_cfg.peers, swarm_cfg.host_maddrs, swarm_cfg.announce_maddrs)
     except (ValueError, DataError) as exc:  # ConfigError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(exc, EXIT_USAGE)
     setup_process(args)
     quiet_transformers()
     stop = GracefulStop().install()
@@ -490,9 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     swarm_cfg = swarm_cfg.replace(inbox_size=min(swarm_cfg.inbox_size, cfg.max_buffered_steps * cfg.groups_per_step))
     try:
         learner = Learner(cfg, loss, data, swarm_cfg, stop=stop)
-    except (ValueError, DataError, ModelLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except (ValueError, DataError, ModelLoadError) as exc:  # a bad --model, --dataset or objective setting
+        return fail(exc, EXIT_USAGE)
     try:
         learner.run()
         if stop.requested:
@@ -502,12 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("aborted at step %d without a checkpoint", learner.state.step)
         return EXIT_INTERRUPTED
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (TimeoutError, BootstrapError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    except (ConfigError, TimeoutError, BootstrapError) as exc:
+        return fail(exc)
     finally:
         learner.close()
     log.info("done: step %d, policy version %d", learner.state.step, learner.version)

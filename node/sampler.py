@@ -26,8 +26,8 @@ from gepo.data import assign_prompt_index, format_prompt
 from gepo.delays import DELAY_KINDS, DelayModel
 from node.cli import (ArgumentParser, add_dataclass_args, add_process_args, dataclass_from_args, option,
                       parse_with_recipe, program_name, setup_process)
-from node.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TRUST, EXIT_UNREACHABLE, EXIT_USAGE, BootstrapError,
-                         ConfigError, ModelLoadError, TrustError)
+from node.errors import (EXIT_INTERRUPTED, EXIT_USAGE, BootstrapError, ConfigError, ModelLoadError, TrustError,
+                         fail)
 from node.metrics import GracefulStop, StatusLine, quiet_transformers
 from node.preflight import DTYPES, check_swarm_args, parse_device
 
@@ -282,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         check_swarm_args(swarm_cfg.peers, swarm_cfg.host_maddrs, swarm_cfg.announce_maddrs, swarm_cfg.learner_key,
                          need_peers=True)
     except ValueError as exc:  # ConfigError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(exc, EXIT_USAGE)
     setup_process(args)
     quiet_transformers()
     stop = GracefulStop().install()
@@ -294,24 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sampler = Sampler(cfg, swarm_cfg, stop=stop)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(exc, EXIT_USAGE)
     try:
         sampler.run()
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (TimeoutError, BootstrapError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except TrustError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_TRUST
-    except ModelLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+    except (ConfigError, TimeoutError, BootstrapError, TrustError, ModelLoadError) as exc:
+        return fail(exc)  # ModelLoadError here: a published version that does not load (exit 1)
     finally:
         sampler.close()
     return 0
