@@ -39,24 +39,24 @@ class LossConfig:
     """PPO clip: the weight is clipped above at 1 + epsilon_high (DAPO's clip-higher uses e.g. 0.28)."""
 
     delta: float | None = None
-    """Optional cap on the *unclipped* weight (TRL's `delta`, two-sided clipping): bounds the loss when A < 0 and the
+    """Optional cap on the *unclipped* weight (TRL's delta, two-sided clipping): bounds the loss when A < 0 and the
     weight explodes. None disables it. Must exceed 1 + epsilon_high, or it would cut into the trust region."""
 
     advantage_std: str = "auto"
     """Std scaling of group-relative advantages: "group" (TRL's default), "batch", "none", or "auto" (group for grpo,
-    bnpo, dapo, gspo; none for gepo, dr_grpo, delta_l). See `resolved_advantage_std()`."""
+    bnpo, dapo, gspo; none for gepo, dr_grpo, delta_l)."""
 
     gepo_grouping: str = "prompt"
     """GEPO's group for the expectation in the weight's denominator: "prompt" (the paper: the G completions of one
-    prompt, given by group_ids) or "micro_batch" (the official code: each consecutive block of gepo_micro_batch_rows
-    rows of the already shuffled batch, usually mixing prompts)."""
+    prompt) or "micro_batch" (the official code: each consecutive block of gepo-micro-batch-rows rows of the already
+    shuffled batch, usually mixing prompts)."""
 
     gepo_micro_batch_rows: int = 8
-    """Block size for gepo_grouping="micro_batch" (8 in the official code: per-device batch of 8 rows)."""
+    """Block size for gepo-grouping micro_batch (8 in the official code: per-device batch of 8 rows)."""
 
     aggregation: str = "auto"
     """"auto": each loss type's own aggregation. "delta_l": ∆L normalization instead; only for token-level types.
-    loss_type="delta_l" means token-level weights with ∆L aggregation whatever this says."""
+    The loss delta_l means token-level weights with ∆L aggregation whatever this says."""
 
     delta_l_alpha: float = 1.0
     """∆L exponent: x_i ∝ L_i^-alpha. 1 is minimum variance (∆L paper default); 0.75 was used for math and is
@@ -77,9 +77,9 @@ class LossConfig:
     """Log-probs are taken from logits / temperature. Must equal the sampler's temperature, or the ratio is biased."""
 
     logprob_chunk_rows: int = 128
-    """Token positions whose logits `token_logprobs` / `token_entropy` upcast to float32 at once: the memory/speed
-    trade-off of log-prob extraction. Extra memory besides the gradient buffer is ~2-3 x chunk x vocab x 4 bytes
-    (128 x 32k vocab: ~40 MB); on a GPU a larger chunk (512-2048) saves kernel launches."""
+    """Token positions whose logits are upcast to float32 at once when log-probs and entropies are taken: the
+    memory/speed trade-off of log-prob extraction. Extra memory besides the gradient buffer is ~2-3 x chunk x vocab x
+    4 bytes (128 x 32k vocab: ~40 MB); on a GPU a larger chunk (512-2048) saves kernel launches."""
 
     def __post_init__(self) -> None:
         def one_of(name: str, allowed: tuple[str, ...]) -> None:

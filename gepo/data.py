@@ -66,13 +66,17 @@ class DataError(ValueError):
 class DataConfig:
     """Where prompts come from.
 
-    source: "synthetic", a local file/folder path, or a hub dataset name (see the module docstring).
+    source: "synthetic" (generated arithmetic problems), a local .jsonl/.json/.csv/.parquet file or a folder saved
+        with datasets, or a hub dataset name (e.g. openai/gsm8k).
     split: the split to read ("train"/"test" for synthetic; for a local file, the name given to its one split).
     subset: the hub dataset's config name (e.g. "main" for openai/gsm8k); unused otherwise.
-    question_field / answer_field: the columns holding the question and the gold answer.
+    question_field: the column holding the question.
+    answer_field: the column holding the gold answer.
     answer_format: "gsm8k" keeps only the final answer after "####" (thousands separators removed: "1,080" -> "1080");
         "raw" keeps the answer as it is; "auto" (default) applies "gsm8k" to answers that contain "####".
-    difficulty, seed, size: the synthetic task's parameters (gepo/synthetic.py).
+    difficulty: synthetic task: 1 (one-digit sums) to 5 (two operations on two-digit numbers); 2 is two-digit sums.
+    seed: synthetic task: the seed that generates the problems.
+    size: synthetic task: problems in the split.
     max_examples: keep only the first this-many examples (after loading, in order).
     """
 
@@ -190,14 +194,14 @@ def load_prompts(cfg: DataConfig) -> PromptSet:
     return prompts
 
 
-def _is_local(source: str) -> bool:
+def is_local_source(source: str) -> bool:
     # A data-file extension means a path even when the file is missing, so a typo gives "file not found", not a
     # confusing hub lookup.
     return os.path.exists(source) or os.path.splitext(source)[1].lower() in _BUILDERS
 
 
 def _load_table(cfg: DataConfig) -> TablePromptSet:
-    if _is_local(cfg.source):
+    if is_local_source(cfg.source):
         dataset, name = _load_local(cfg), os.path.basename(os.path.normpath(cfg.source))
     else:
         dataset, name = _load_hub(cfg), cfg.source + (f"/{cfg.subset}" if cfg.subset else "")

@@ -131,7 +131,7 @@ class StalenessConfig:
     difficulty: int = 2
     """Synthetic arithmetic difficulty (the shipped tiny policy is warm-started on 2)."""
     policy_path: str | None = None
-    """A tiny-policy folder; None = the shipped assets/tiny-policy/."""
+    """A tiny-policy folder; None = the shipped gepo/assets/tiny-policy/."""
     train_size: int = 100_000
 
     # --- evaluation

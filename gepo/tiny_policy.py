@@ -1,7 +1,7 @@
 """The built-in tiny policy: a character-level tokenizer and a ~0.9M-parameter Llama, warm-started on arithmetic.
 
 Demos, tests and the staleness experiments run on it on 2 CPU cores, with no model hub. The shipped copy lives in
-`assets/tiny-policy/` (see `tiny_policy_path()`); `python -m scripts.build_tiny_policy` regenerates it.
+`gepo/assets/tiny-policy/`, package data installed with the wheel (see `tiny_policy_path()`); `python -m scripts.build_tiny_policy` regenerates it.
 
 Tokenizer: one token per printable ASCII character (plus newline and tab), and the special tokens <pad>, <bos>,
 <eos>, <unk> and the chat role markers <|system|>, <|user|>, <|assistant|>. Its chat template renders a question as
@@ -69,7 +69,7 @@ CHAT_TEMPLATE = (
 )
 
 WARMSTART_FILE = "warmstart.json"
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+_ASSETS = Path(__file__).resolve().parent / "assets"  # package data: ships inside the wheel
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -393,8 +393,8 @@ def save_tokenizer(tokenizer: Any, out_dir: str | Path) -> None:
 
 
 def tiny_policy_path() -> Path:
-    """The shipped tiny policy folder, `assets/tiny-policy/` at the repository root."""
-    return _REPO_ROOT / "assets" / "tiny-policy"
+    """The shipped tiny policy folder, `gepo/assets/tiny-policy/` (inside the installed package too)."""
+    return _ASSETS / "tiny-policy"
 
 
 def read_warmstart(path: str | Path | None = None) -> dict:

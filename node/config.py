@@ -12,61 +12,86 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from .cli import add_dataclass_args, option
 from .ratelimit import parse_size
 
 
 @dataclass
 class SwarmConfig:
+    # Each field is a flag (`--run-id`...); `role=` marks the flags only the learner or only a sampler has.
     # --- joining ---------------------------------------------------------------------------------------------
-    run_id: str = "gepo"
-    peers: List[str] = field(default_factory=list)
-    host_maddrs: List[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
-    announce_maddrs: List[str] = field(default_factory=list)
-    identity_path: Optional[str] = None
-    key_path: Optional[str] = None
-    client_mode: bool = False
-    use_relay: bool = True
-    use_auto_relay: bool = False
-    nat_port_map: bool = True
-    auto_nat: bool = True
-    learner_key: Optional[str] = None
-    state_dir: Optional[str] = None
+    run_id: str = option("gepo", "swarm name; peers of other runs are ignored")
+    peers: List[str] = option(default_factory=list, metavar="MADDR",
+                              help="bootstrap multiaddrs, e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo... (several allowed; "
+                                   "unreachable ones are skipped with a warning)")
+    host_maddrs: List[str] = option(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"], metavar="MADDR",
+                                    help="multiaddrs to listen on (port 0: a random one; a learner should use a fixed "
+                                         "port, e.g. /ip4/0.0.0.0/tcp/31337)")
+    announce_maddrs: List[str] = option(default_factory=list, metavar="MADDR",
+                                        help="public multiaddrs to announce (behind port forwarding); explicit ports")
+    identity_path: Optional[str] = option(None, "libp2p key file: keeps this node's peer id across restarts (created "
+                                                "if missing; default: in --state-dir)", metavar="PATH")
+    key_path: Optional[str] = option(None, "Ed25519 key file that signs rollouts, records and manifests (created if "
+                                           "missing; default: in --state-dir)", metavar="PATH")
+    client_mode: bool = option(False, "for samplers that cannot accept incoming connections: use the DHT as a client "
+                                      "only and serve no weight chunks", role="sampler")
+    use_relay: bool = option(True, "allow reaching peers behind NATs through libp2p circuit relays")
+    use_auto_relay: bool = option(False, "look for relays to become reachable yourself when behind a NAT")
+    nat_port_map: bool = option(True, "try UPnP/NAT-PMP port mapping on the router")
+    auto_nat: bool = option(True, "run libp2p AutoNAT to detect reachability")
+    learner_key: Optional[str] = option(None, "public key of the learner to trust, as the learner prints it; without "
+                                              "it the first learner found is trusted (with a loud warning)",
+                                        metavar="ed25519:HEX", role="sampler")
+    state_dir: Optional[str] = option(None, "directory for the outbox, downloaded weights, inbox and key files "
+                                            "(learner default: RUN_DIR/swarm; sampler default: "
+                                            "~/.cache/gepo-swarm/sampler-RUN_ID)", metavar="DIR")
     # --- bounds and timeouts (seconds) -----------------------------------------------------------------------
-    startup_timeout: float = 30.0
-    bootstrap_timeout: float = 5.0
-    dht_timeout: float = 10.0
-    connect_timeout: float = 5.0
-    rpc_timeout: float = 10.0
-    stall_timeout: float = 15.0
-    call_timeout: float = 30.0
+    startup_timeout: float = option(30.0, "seconds for starting the local libp2p daemon and DHT")
+    bootstrap_timeout: float = option(5.0, "seconds for reaching each bootstrap peer")
+    dht_timeout: float = option(10.0, "seconds for each DHT get/store")
+    connect_timeout: float = option(5.0, "seconds for dialing a peer / opening a stream")
+    rpc_timeout: float = option(10.0, "seconds for a request's answer")
+    stall_timeout: float = option(15.0, "seconds without bytes moving before a transfer is abandoned")
+    call_timeout: float = option(30.0, "seconds for any blocking call from the program into the swarm")
     # --- learner record --------------------------------------------------------------------------------------
-    heartbeat_ttl: float = 30.0
-    poll_interval: float = 1.0
+    heartbeat_ttl: float = option(30.0, "seconds the learner's signed heartbeat record lives (refreshed at 1/3 of "
+                                        "it)", role="learner")
+    poll_interval: float = option(1.0, "seconds between reads of the learner's heartbeat", role="sampler")
     # --- rollouts --------------------------------------------------------------------------------------------
-    max_outbox_items: int = 10_000
-    max_outbox_bytes: int = 2 * 1024**3
-    max_group_bytes: int = 8 * 1024**2
-    inbox_size: int = 4096
-    max_push_streams: int = 64
-    retry_min: float = 0.5
-    retry_max: float = 30.0
+    max_outbox_items: int = option(10_000, "rollout groups kept on disk while the learner is unreachable",
+                                   role="sampler")
+    max_outbox_bytes: int = option(2 * 1024**3, "bytes kept in the outbox (e.g. 2GB)", parse=parse_size,
+                                   metavar="BYTES", role="sampler")
+    max_group_bytes: int = option(8 * 1024**2, "largest signed rollout group sent (sampler) or accepted (learner)",
+                                  parse=parse_size, metavar="BYTES")
+    inbox_size: int = option(4096, "accepted groups waiting for the trainer before senders are told 'busy' (at most "
+                                   "--max-buffered-steps x --groups-per-step)", role="learner")
+    max_push_streams: int = option(64, "concurrent incoming rollout streams", role="learner")
+    retry_min: float = option(0.5, "seconds of the first back-off after a failed delivery", role="sampler")
+    retry_max: float = option(30.0, "longest back-off between delivery attempts, in seconds", role="sampler")
     # --- weights ---------------------------------------------------------------------------------------------
-    upload_limit: Optional[int] = None
-    max_uploads: int = 4
-    max_inflight: int = 8
-    max_inflight_per_peer: int = 2
-    max_peers: int = 8
-    have_poll: float = 0.3
-    peer_record_ttl: float = 60.0
-    keep_versions: int = 2
-    swarming: bool = True
-    ration: bool = True
-    ration_interval: Optional[float] = None
-    max_chunk_bytes: int = 64 * 1024**2
-    max_manifest_bytes: int = 16 * 1024**2
+    upload_limit: Optional[int] = option(None, "cap on this node's chunk upload in bytes per second, e.g. 20MB "
+                                               "(none: unlimited)", parse=parse_size, metavar="BYTES_PER_S")
+    max_uploads: int = option(4, "concurrent chunk uploads served")
+    max_inflight: int = option(8, "concurrent chunk downloads", role="sampler")
+    max_inflight_per_peer: int = option(2, "concurrent chunk downloads from one source", role="sampler")
+    max_peers: int = option(8, "neighbours asked for chunks", role="sampler")
+    have_poll: float = option(0.3, "seconds between asking neighbours which chunks they hold", role="sampler")
+    peer_record_ttl: float = option(60.0, "seconds a peer's signed 'chunks I hold' record lives", role="sampler")
+    keep_versions: int = option(2, "policy versions kept on disk")
+    swarming: bool = option(True, "fetch chunks from other samplers and serve ours (off: from the learner only)",
+                            role="sampler")
+    ration: bool = option(True, "serve each chunk about once per --ration-interval and let the samplers spread it "
+                                "(off: serve every request)", role="learner")
+    ration_interval: Optional[float] = option(None, "seconds before a chunk is served again (none: 2 x size / "
+                                                    "upload limit, at least 5 s)", role="learner")
+    max_chunk_bytes: int = option(64 * 1024**2, "largest weight chunk accepted", parse=parse_size, metavar="BYTES",
+                                  role="sampler")
+    max_manifest_bytes: int = option(16 * 1024**2, "largest weight manifest accepted", parse=parse_size,
+                                     metavar="BYTES", role="sampler")
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -98,98 +123,11 @@ class SwarmConfig:
 
     # ------------------------------------------------------------------------------------------------------------
     @staticmethod
-    def add_argparse_args(parser: argparse.ArgumentParser) -> None:
-        d = SwarmConfig()
-        g = parser.add_argument_group("swarm: joining")
-        g.add_argument("--run-id", default=d.run_id, help="swarm name; peers of other runs are ignored")
-        g.add_argument(
-            "--peers", nargs="*", default=[], metavar="MADDR",
-            help="bootstrap multiaddrs, e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3Koo... (several allowed; "
-                 "unreachable ones are skipped with a warning)",
-        )
-        g.add_argument(
-            "--host-maddrs", nargs="+", default=d.host_maddrs, metavar="MADDR",
-            help="multiaddrs to listen on (default: all interfaces, a random TCP port; "
-                 "a learner should use a fixed port, e.g. /ip4/0.0.0.0/tcp/31337)",
-        )
-        g.add_argument(
-            "--announce-maddrs", nargs="*", default=[], metavar="MADDR",
-            help="public multiaddrs to announce (behind port forwarding); explicit ports only",
-        )
-        g.add_argument(
-            "--identity", dest="identity_path", default=None, metavar="PATH",
-            help="libp2p key file: keeps this node's peer id across restarts (created if missing)",
-        )
-        g.add_argument(
-            "--key", dest="key_path", default=None, metavar="PATH",
-            help="Ed25519 key file that signs rollouts/records/manifests (created if missing)",
-        )
-        g.add_argument(
-            "--client-mode", action="store_true",
-            help="for peers that cannot accept incoming connections: use the DHT as a client only, "
-                 "do not serve weight chunks to others",
-        )
-        g.add_argument("--use-relay", action=argparse.BooleanOptionalAction, default=d.use_relay,
-                       help="allow reaching peers behind NATs through libp2p circuit relays")
-        g.add_argument("--use-auto-relay", action=argparse.BooleanOptionalAction, default=d.use_auto_relay,
-                       help="look for relays to become reachable yourself when behind a NAT")
-        g.add_argument("--nat-port-map", action=argparse.BooleanOptionalAction, default=d.nat_port_map,
-                       help="try UPnP/NAT-PMP port mapping on the router")
-        g.add_argument("--auto-nat", action=argparse.BooleanOptionalAction, default=d.auto_nat,
-                       help="run libp2p AutoNAT to detect reachability")
-        g.add_argument(
-            "--learner-key", default=None, metavar="ed25519:HEX",
-            help="public key of the learner to trust; without it the first learner found is trusted "
-                 "(trust on first use, with a loud warning)",
-        )
-        g.add_argument(
-            "--state-dir", default=None, metavar="DIR",
-            help="directory for the outbox, downloaded weights, inbox and (by default) key files",
-        )
-        g = parser.add_argument_group("swarm: bounds and timeouts (seconds)")
-        for name, help_ in [
-            ("startup_timeout", "starting the local libp2p daemon and DHT"),
-            ("bootstrap_timeout", "reaching each bootstrap peer"),
-            ("dht_timeout", "each DHT get/store"),
-            ("connect_timeout", "dialing a peer / opening a stream"),
-            ("rpc_timeout", "a request's answer"),
-            ("stall_timeout", "no bytes moving on a transfer"),
-            ("call_timeout", "any blocking call from the program into the swarm"),
-            ("heartbeat_ttl", "lifetime of the learner's signed heartbeat record (refreshed at 1/3 of it)"),
-            ("poll_interval", "how often samplers re-read the learner record"),
-            ("retry_min", "first back-off after a failed delivery"),
-            ("retry_max", "longest back-off between delivery attempts"),
-            ("have_poll", "how often a downloading peer asks its neighbours what they hold"),
-            ("peer_record_ttl", "lifetime of a peer's signed 'what I hold' DHT record"),
-        ]:
-            g.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name), help=help_)
-        g.add_argument("--max-outbox-items", type=int, default=d.max_outbox_items,
-                       help="rollout groups kept on disk while the learner is unreachable")
-        g.add_argument("--max-outbox-bytes", type=parse_size, default=d.max_outbox_bytes,
-                       help="bytes kept in the outbox (e.g. 2GB)")
-        g.add_argument("--max-group-bytes", type=parse_size, default=d.max_group_bytes,
-                       help="largest signed rollout group accepted/sent")
-        g.add_argument("--inbox-size", type=int, default=d.inbox_size,
-                       help="learner: accepted groups waiting for the trainer before senders are told 'busy'")
-        g.add_argument("--max-push-streams", type=int, default=d.max_push_streams,
-                       help="learner: concurrent rollout streams")
-        g = parser.add_argument_group("swarm: weights")
-        g.add_argument("--upload-limit", type=parse_size, default=None, metavar="BYTES_PER_S",
-                       help="cap on this node's chunk upload, e.g. 20MB (per second); default unlimited")
-        g.add_argument("--max-uploads", type=int, default=d.max_uploads, help="concurrent chunk uploads served")
-        g.add_argument("--max-inflight", type=int, default=d.max_inflight, help="concurrent chunk downloads")
-        g.add_argument("--max-inflight-per-peer", type=int, default=d.max_inflight_per_peer,
-                       help="concurrent chunk downloads from one source")
-        g.add_argument("--max-peers", type=int, default=d.max_peers, help="neighbours asked for chunks")
-        g.add_argument("--keep-versions", type=int, default=d.keep_versions, help="policy versions kept on disk")
-        g.add_argument("--swarming", action=argparse.BooleanOptionalAction, default=d.swarming,
-                       help="fetch chunks from other samplers and serve ours (off: learner only)")
-        g.add_argument("--ration", action=argparse.BooleanOptionalAction, default=d.ration,
-                       help="learner: serve each chunk about once per ration interval and let samplers "
-                            "spread it (off: serve every request)")
-        g.add_argument("--ration-interval", type=float, default=None,
-                       help="learner: seconds before a chunk is served again (default: 2 x size / upload limit, "
-                            "at least 5 s)")
+    def add_argparse_args(parser: argparse.ArgumentParser, role: Optional[str] = None) -> None:
+        """One flag per field, in three groups; with `role` ("learner"/"sampler") only that program's flags."""
+        for title, names in _FLAG_GROUPS.items():
+            add_dataclass_args(parser, SwarmConfig, title, only=names, role=role, skip=_NO_FLAG,
+                               rename={"identity_path": "identity", "key_path": "key"})
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> "SwarmConfig":
@@ -204,3 +142,12 @@ class SwarmConfig:
             else:
                 values[key] = list(values[key])
         return cls(**values).with_defaults_for_state_dir()
+
+
+_FIELDS = [f.name for f in dataclasses.fields(SwarmConfig)]
+_FLAG_GROUPS = {  # --help's sections, in field order
+    "swarm: joining": _FIELDS[: _FIELDS.index("state_dir") + 1],
+    "swarm: bounds and timeouts": _FIELDS[_FIELDS.index("startup_timeout"): _FIELDS.index("retry_max") + 1],
+    "swarm: weights": _FIELDS[_FIELDS.index("upload_limit"):],
+}
+_NO_FLAG = ("max_chunk_bytes",)  # not read by any node yet

@@ -34,17 +34,10 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from .config import SwarmConfig
+from .errors import BootstrapError, ConfigError  # defined where no hivemind import is needed
 from .loop import LoopThread
 
 logger = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A command-line value is unusable (malformed multiaddr, bad key...). The message is one line."""
-
-
-class BootstrapError(RuntimeError):
-    """None of the bootstrap peers could be reached."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,28 +21,46 @@ import time
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
-import torch
-
-from gepo.config import LossConfig
-from gepo.data import DataConfig, DataError, assign_prompt_index, format_prompt, load_prompts
+from gepo.config import ADVANTAGE_STDS, AGGREGATIONS, GEPO_GROUPINGS, LOSS_TYPES, LossConfig
+from gepo.data import ANSWER_FORMATS, DataConfig, DataError, assign_prompt_index, format_prompt, load_prompts
 from gepo.evaluation import evaluate as evaluate_held_out, held_out_split
 from gepo.reward_funcs import RewardRunner, resolve_reward_specs
 from gepo.rewards import RewardConfig
-from gepo.sampling import generate_groups
-from gepo.train_step import ScoredGroup, TrainStepConfig, train_step
-from node.checkpoint import RunState, latest_checkpoint, load_optimizer, load_run_state, save_checkpoint
-from node.dht import BootstrapError, ConfigError
-from node.cli import add_dataclass_args, add_process_args, dataclass_from_args, option, parse_with_recipe, setup_process
+from node.cli import (ArgumentParser, add_dataclass_args, add_process_args, dataclass_from_args, option,
+                      parse_with_recipe, program_name, setup_process)
+from node.errors import EXIT_INTERRUPTED, EXIT_USAGE, BootstrapError, ConfigError, ModelLoadError, fail
 from node.metrics import GracefulStop, MetricsWriter, StatusLine, quiet_transformers
-from node.model_io import (ModelLoadError, load_policy, policy_files, policy_tensors, resolve_device, resolve_dtype,
-                           run_file)
-from node.run_info import QuestionSet, RunInfo
+from node.preflight import DTYPES, check_dataset, check_model, check_swarm_args, parse_device
 from node.trackers import REPORT_TO_CHOICES, Trackers, wants_tensorboard
-from protocol.errors import ProtocolError, Reason
-from protocol.rollout import RolloutGroup, prompt_hash
+
+if TYPE_CHECKING:
+    import torch
+
+    from gepo.data import PromptSet
+    from protocol.rollout import RolloutGroup
+
+
+def _import_training_stack() -> None:
+    """torch, transformers and the training code, imported when a Learner is built rather than at start-up, so
+    that `--help` and a bad argument answer in about a second. They become this module's globals, as a top-level
+    import would make them."""
+    global np, torch, generate_groups, ScoredGroup
+    global TrainStepConfig, train_step, RunState, latest_checkpoint, load_optimizer, load_run_state, save_checkpoint
+    global load_policy, policy_files, policy_tensors, resolve_device, resolve_dtype, run_file
+    global QuestionSet, RunInfo, ProtocolError, Reason, prompt_hash
+    import numpy as np
+    import torch
+
+    from gepo.sampling import generate_groups
+    from gepo.train_step import ScoredGroup, TrainStepConfig, train_step
+    from node.checkpoint import RunState, latest_checkpoint, load_optimizer, load_run_state, save_checkpoint
+    from node.model_io import load_policy, policy_files, policy_tensors, resolve_device, resolve_dtype, run_file
+    from node.run_info import QuestionSet, RunInfo
+    from protocol.errors import ProtocolError, Reason
+    from protocol.rollout import prompt_hash
+
 
 log = logging.getLogger("node.learner")
 
@@ -50,8 +68,8 @@ log = logging.getLogger("node.learner")
 @dataclass
 class LearnerConfig:
     model: str | None = option(None, "model folder or hub id (default: the built-in tiny policy)")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = option("auto", "float32, bfloat16, float16 or auto (bf16 on a GPU that has it, else fp32)")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when there is one)", parse=parse_device)
+    dtype: str = option("auto", "auto: bf16 on a GPU that has it, else fp32", choices=DTYPES)
     run_dir: str = option("runs/learner", "checkpoints, metrics.jsonl, TensorBoard logs and swarm state")
     resume: bool = option(False, "continue from the newest checkpoint in --run-dir, keeping its version numbering")
     online: bool = option(False, "sample inside the learner in lockstep (zero delay) instead of from the swarm")
@@ -103,18 +121,20 @@ class LearnerConfig:
 def build_parser() -> argparse.ArgumentParser:
     from node.config import SwarmConfig
 
-    parser = argparse.ArgumentParser(
-        prog="python -m node.learner",
+    parser = ArgumentParser(
+        prog=program_name("node.learner", "gepo-learner"),
         description="The gepo-swarm learner: verifies rollouts from the swarm, trains with GEPO (or another "
                     "objective) and publishes new policy versions.",
     )
     add_process_args(parser)
     add_dataclass_args(parser, LearnerConfig, "learner")
-    add_dataclass_args(parser, LossConfig, "objective (gepo.config.LossConfig)", rename={"loss_type": "loss"},
-                       skip=("temperature", "max_completion_length"))
-    add_dataclass_args(parser, DataConfig, "prompt data (gepo.data.DataConfig)", prefix="data_",
-                       rename={"source": "dataset"})
-    SwarmConfig.add_argparse_args(parser)
+    add_dataclass_args(parser, LossConfig, "objective", rename={"loss_type": "loss"},
+                       skip=("temperature", "max_completion_length"),
+                       choices={"loss_type": LOSS_TYPES, "advantage_std": ADVANTAGE_STDS,
+                                "gepo_grouping": GEPO_GROUPINGS, "aggregation": AGGREGATIONS})
+    add_dataclass_args(parser, DataConfig, "prompt data", prefix="data_", rename={"source": "dataset"},
+                       choices={"answer_format": ANSWER_FORMATS})
+    SwarmConfig.add_argparse_args(parser, role="learner")
     return parser
 
 
@@ -123,6 +143,7 @@ class Learner:
 
     def __init__(self, cfg: LearnerConfig, loss: LossConfig, data: DataConfig, swarm_cfg: Any = None,
                  stop: GracefulStop | None = None) -> None:
+        _import_training_stack()
         self.cfg = cfg
         self.loss = dataclasses.replace(loss, temperature=cfg.temperature, max_completion_length=cfg.max_new_tokens)
         self.data_cfg = data
@@ -487,38 +508,44 @@ def _accelerator(device: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: node/errors.py (0 done, 2 usage, 3 no sampler/peer reachable, 130 interrupted)."""
     from node.config import SwarmConfig
 
-    parser = build_parser()
-    args = parse_with_recipe(parser, argv)
-    setup_process(args)
-    quiet_transformers()
-    stop = GracefulStop().install()
-    try:
+    args = parse_with_recipe(build_parser(), argv)
+    try:  # every flag is checked before torch, the model or the swarm load
         cfg = dataclass_from_args(LearnerConfig, args)
         loss = dataclass_from_args(LossConfig, args)
         data = dataclass_from_args(DataConfig, args, prefix="data_")
         swarm_cfg = SwarmConfig.from_args(args)
-        if swarm_cfg.state_dir is None:
-            swarm_cfg = swarm_cfg.replace(state_dir=str(Path(cfg.run_dir) / "swarm"))
-        swarm_cfg = swarm_cfg.with_defaults_for_state_dir()
-        swarm_cfg = swarm_cfg.replace(inbox_size=min(swarm_cfg.inbox_size, cfg.max_buffered_steps * cfg.groups_per_step))
+        if not cfg.resume:
+            check_model(cfg.model)
+        check_dataset(data.source)
+        if not cfg.online:
+            check_swarm_args(swarm_cfg.peers, swarm_cfg.host_maddrs, swarm_cfg.announce_maddrs)
+    except (ValueError, DataError) as exc:  # ConfigError is a ValueError
+        return fail(exc, EXIT_USAGE)
+    setup_process(args)
+    quiet_transformers()
+    stop = GracefulStop().install()
+    if swarm_cfg.state_dir is None:
+        swarm_cfg = swarm_cfg.replace(state_dir=str(Path(cfg.run_dir) / "swarm"))
+    swarm_cfg = swarm_cfg.with_defaults_for_state_dir()
+    swarm_cfg = swarm_cfg.replace(inbox_size=min(swarm_cfg.inbox_size, cfg.max_buffered_steps * cfg.groups_per_step))
+    try:
         learner = Learner(cfg, loss, data, swarm_cfg, stop=stop)
-    except (ValueError, DataError, ModelLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, DataError, ModelLoadError) as exc:  # a bad --model, --dataset or objective setting
+        return fail(exc, EXIT_USAGE)
     try:
         learner.run()
         if stop.requested:
             log.info("stopped at step %d; writing a checkpoint", learner.state.step)
             learner.checkpoint()
-            return 130
+            return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         log.warning("aborted at step %d without a checkpoint", learner.state.step)
-        return 130
-    except (TimeoutError, ConfigError, BootstrapError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_INTERRUPTED
+    except (ConfigError, TimeoutError, BootstrapError) as exc:
+        return fail(exc)
     finally:
         learner.close()
     log.info("done: step %d, policy version %d", learner.state.step, learner.version)

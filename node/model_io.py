@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
+from node.errors import ModelLoadError  # defined without torch, for the programs' main()
 from protocol.manifest import WeightManifest, file_bytes, torch_state_dict
 
 log = logging.getLogger(__name__)
@@ -22,10 +23,6 @@ RUN_FILE = "run.json"
 # What save_pretrained writes for a model and its tokenizer, minus the weights themselves.
 _MODEL_FILE_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be loaded; the message says what and where."""
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:

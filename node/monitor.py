@@ -16,7 +16,8 @@ node (their signed times); a node seen once is shown with its average since it s
     python -m node.monitor --peers ... --once --json     # one JSON object (with --count N: JSON lines)
     python -m node.monitor --peers ... --web 127.0.0.1:8080   # also a web page with live charts (node/web)
 
-Exit status: 0 done, 2 bad arguments (a bad --web address too), 3 no peer reachable, 4 no learner heartbeat found
+Exit status (node/errors.py): 0 done, 2 bad arguments (a bad --web address too), 3 no peer reachable or no learner
+heartbeat found
 (``--once``/``--count``).
 """
 
@@ -31,11 +32,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, TextIO
 
-from node.cli import add_dataclass_args, dataclass_from_args, option, parse_with_recipe
+from node.cli import ArgumentParser, add_dataclass_args, dataclass_from_args, option, parse_with_recipe, program_name
+from node.errors import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 
 log = logging.getLogger("node.monitor")
 
-EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NO_LEARNER = 0, 2, 3, 4
+EXIT_NO_LEARNER = EXIT_UNREACHABLE  # the swarm answered, but no learner is in it
 
 
 @dataclass
@@ -66,13 +68,13 @@ class MonitorConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m node.monitor",
+    parser = ArgumentParser(
+        prog=program_name("node.monitor", "gepo-monitor"),
         description="Live view of a gepo-swarm run: the learner's version and step rate, each sampler's version, "
                     "lag, throughput and rejects, from the signed DHT records. Needs only --peers.",
     )
     parser.add_argument("--config", default=None, metavar="RECIPE.yaml",
-                        help="YAML file of option values (keys are option names); flags given here win")
+                        help="YAML file of option values (keys are option names); flags given here win (default: none)")
     add_dataclass_args(parser, MonitorConfig, "monitor")
     return parser
 
@@ -308,17 +310,20 @@ def _interrupt(signum, frame) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from node.dht import BootstrapError, ConfigError
+    from node.errors import BootstrapError, ConfigError
+    from node.preflight import check_swarm_args
     from protocol.errors import ProtocolError
 
     args = parse_with_recipe(build_parser(), argv)
     cfg = dataclass_from_args(MonitorConfig, args)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not cfg.peers:
-        print("error: --peers is required (the multiaddr a node prints, with /p2p/<peer id>)", file=sys.stderr)
-        return EXIT_USAGE
     if cfg.interval <= 0 or cfg.wait < 0 or cfg.window <= 0 or cfg.web_history < 1:
         print("error: --interval and --window must be > 0, --wait >= 0, --web-history >= 1", file=sys.stderr)
+        return EXIT_USAGE
+    try:  # before the libp2p daemon starts
+        check_swarm_args(cfg.peers, cfg.host_maddrs, (), cfg.learner_key, need_peers=True)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if cfg.web:
         from node.web.dashboard import WebAddressError, parse_address

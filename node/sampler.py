@@ -20,21 +20,35 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from gepo.data import assign_prompt_index, format_prompt
 from gepo.delays import DELAY_KINDS, DelayModel
-from gepo.sampling import GeneratedGroup, SamplingParams, generate_groups
-from node.dht import BootstrapError, ConfigError
-from node.cli import add_dataclass_args, add_process_args, dataclass_from_args, option, parse_with_recipe, setup_process
+from node.cli import (ArgumentParser, add_dataclass_args, add_process_args, dataclass_from_args, option,
+                      parse_with_recipe, program_name, setup_process)
+from node.errors import (EXIT_INTERRUPTED, EXIT_USAGE, BootstrapError, ConfigError, ModelLoadError, TrustError,
+                         fail)
 from node.metrics import GracefulStop, StatusLine, quiet_transformers
-from node.model_io import (ModelLoadError, load_weights, model_from_manifest, read_run_file, resolve_device,
-                           resolve_dtype)
-from node.run_info import RunInfo
-from protocol import rollout as wire
+from node.preflight import DTYPES, check_swarm_args, parse_device
+
+if TYPE_CHECKING:
+    from gepo.sampling import GeneratedGroup, SamplingParams
+
+
+def _import_sampling_stack() -> None:
+    """torch, transformers and the generation code, imported when a Sampler is built rather than at start-up, so
+    that `--help` and a bad argument answer in about a second. They become this module's globals, as a top-level
+    import would make them."""
+    global np, torch, generate_groups, load_weights, model_from_manifest, read_run_file, resolve_device
+    global resolve_dtype, RunInfo, wire
+    import numpy as np
+    import torch
+
+    from gepo.sampling import generate_groups
+    from node.model_io import load_weights, model_from_manifest, read_run_file, resolve_device, resolve_dtype
+    from node.run_info import RunInfo
+    from protocol import rollout as wire
+
 
 log = logging.getLogger("node.sampler")
 
@@ -43,8 +57,8 @@ log = logging.getLogger("node.sampler")
 class SamplerConfig:
     backend: str = option("hf", "generation backend: hf (transformers, CPU or CUDA) or vllm (GPU, if installed)",
                           choices=("hf", "vllm"))
-    device: str = option("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = option("auto", "float32, bfloat16, float16 or auto (bf16 on a GPU that has it, else fp32)")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when there is one)", parse=parse_device)
+    dtype: str = option("auto", "auto: bf16 on a GPU that has it, else fp32", choices=DTYPES)
     batch_prompts: int = option(4, "prompts generated together, each with the learner's G completions")
     simulate_delay: str = option("none", "simulate a slow node (the GEPO paper's delay model)", choices=DELAY_KINDS)
     delay_lower: float = option(60.0, "simulated delay: lower bound in seconds (fixed: the delay itself)")
@@ -63,14 +77,14 @@ class SamplerConfig:
 def build_parser() -> argparse.ArgumentParser:
     from node.config import SwarmConfig
 
-    parser = argparse.ArgumentParser(
-        prog="python -m node.sampler",
+    parser = ArgumentParser(
+        prog=program_name("node.sampler", "gepo-sampler"),
         description="A gepo-swarm sampler: fetches the policy from the swarm, generates signed rollout groups and "
                     "delivers them to the learner. Needs only --peers.",
     )
     add_process_args(parser)
     add_dataclass_args(parser, SamplerConfig, "sampler")
-    SwarmConfig.add_argparse_args(parser)
+    SwarmConfig.add_argparse_args(parser, role="sampler")
     return parser
 
 
@@ -110,6 +124,7 @@ class Sampler:
     def __init__(self, cfg: SamplerConfig, swarm_cfg: Any, stop: GracefulStop | None = None) -> None:
         from node.sampler_swarm import SamplerSwarm
 
+        _import_sampling_stack()
         self.cfg = cfg
         self.swarm_cfg = swarm_cfg
         self.state_dir = Path(swarm_cfg.state_dir)
@@ -131,6 +146,13 @@ class Sampler:
         try:
             self.swarm.start(wait_for_learner=self.cfg.wait_learner)
         except TimeoutError:
+            others = self.swarm.untrusted_learners
+            if others:
+                raise TrustError(
+                    f"the swarm's learner signs with {others[0]}, but this sampler trusts only "
+                    f"{self.swarm.learner_key} "
+                    f"(remembered in {self.swarm_cfg.state_dir}/trusted_learner.txt from an earlier run): if the new "
+                    f"learner is yours, restart with --learner-key {others[0]}") from None
             pinned = (f"; only a learner signing with --learner-key {self.swarm_cfg.learner_key} is trusted: is that "
                       f"the key the learner printed?" if self.swarm_cfg.learner_key else "")
             raise TimeoutError(f"no learner found within {self.cfg.wait_learner:.0f}s through "
@@ -249,30 +271,35 @@ class Sampler:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: node/errors.py (0 done, 2 usage, 3 no learner reachable, 4 not the trusted learner, 130
+    interrupted)."""
     from node.config import SwarmConfig
 
     args = parse_with_recipe(build_parser(), argv)
+    try:  # every flag is checked before torch or the swarm load
+        cfg = dataclass_from_args(SamplerConfig, args)
+        swarm_cfg = SwarmConfig.from_args(args)
+        check_swarm_args(swarm_cfg.peers, swarm_cfg.host_maddrs, swarm_cfg.announce_maddrs, swarm_cfg.learner_key,
+                         need_peers=True)
+    except ValueError as exc:  # ConfigError is a ValueError
+        return fail(exc, EXIT_USAGE)
     setup_process(args)
     quiet_transformers()
     stop = GracefulStop().install()
+    if swarm_cfg.state_dir is None:
+        home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        swarm_cfg = swarm_cfg.replace(state_dir=str(home / "gepo-swarm" / f"sampler-{swarm_cfg.run_id}"))
+    swarm_cfg = swarm_cfg.with_defaults_for_state_dir()
     try:
-        cfg = dataclass_from_args(SamplerConfig, args)
-        swarm_cfg = SwarmConfig.from_args(args)
-        if swarm_cfg.state_dir is None:
-            home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-            swarm_cfg = swarm_cfg.replace(state_dir=str(home / "gepo-swarm" / f"sampler-{swarm_cfg.run_id}"))
-        swarm_cfg = swarm_cfg.with_defaults_for_state_dir()
         sampler = Sampler(cfg, swarm_cfg, stop=stop)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, EXIT_USAGE)
     try:
         sampler.run()
     except KeyboardInterrupt:
-        return 130
-    except (TimeoutError, ModelLoadError, ConfigError, BootstrapError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_INTERRUPTED
+    except (ConfigError, TimeoutError, BootstrapError, TrustError, ModelLoadError) as exc:
+        return fail(exc)  # ModelLoadError here: a published version that does not load (exit 1)
     finally:
         sampler.close()
     return 0

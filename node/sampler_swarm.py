@@ -100,6 +100,7 @@ class SamplerSwarm:
         if self.trusted_key is None:
             self.trusted_key = self._load_trust_file()
         self.pinned = config.learner_key is not None
+        self.untrusted_learners: List[str] = []  # learners announcing, none of them the trusted one
         self.node = SwarmNode(
             config,
             record_validators=[
@@ -256,10 +257,13 @@ class SamplerSwarm:
             self._watch_wake.clear()
 
     async def _poll_learner(self) -> bool:
-        records = await read_heartbeats(self.node, self.config.run_id, learner=self.trusted_key)
+        # A remembered (not pinned) key reads every heartbeat, to say so when the learner now signs with another.
+        pin = self.trusted_key if self.pinned else None
+        records = await read_heartbeats(self.node, self.config.run_id, learner=pin)
         if self.trusted_key is not None:
             rec = records.get(self.trusted_key)
             if rec is None:
+                self.untrusted_learners = [format_public_key(k) for k in records]
                 return False
             key = self.trusted_key
         else:

@@ -1,4 +1,4 @@
-"""Regenerate the built-in tiny policy (assets/tiny-policy/ by default).
+"""Regenerate the built-in tiny policy (gepo/assets/tiny-policy/ by default).
 
     .venv/bin/python -m scripts.build_tiny_policy [--out DIR] [--difficulty 2] [--seed 0] [--target-accuracy 0.25 0.45]
 

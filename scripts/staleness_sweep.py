@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--difficulty", type=int, default=2, help="synthetic task difficulty (the tiny policy's is 2)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling (and log-prob) temperature")
     g.add_argument("--max-new-tokens", type=int, default=8, help="completion length cap (the loss's M)")
-    g.add_argument("--policy-path", default=None, help="tiny-policy folder (default: the shipped assets/tiny-policy)")
+    g.add_argument("--policy-path", default=None, help="tiny-policy folder (default: the shipped gepo/assets/tiny-policy)")
     g.add_argument("--loss-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra LossConfig field for every run, e.g. sampler_kl_coef=0.005 (value parsed as JSON)")  # fmt: skip
     g = p.add_argument_group("execution and output")

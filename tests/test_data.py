@@ -20,8 +20,8 @@ from gepo.data import (
     load_prompts,
 )
 from gepo.synthetic import SyntheticArithmetic
+from tests.paths import GSM8K_TRAIN
 
-GSM8K_TRAIN = Path("/work/shared/data/gsm8k/train.jsonl")
 
 ROWS = [
     {"problem": "Tom has 3 apples and buys 4 more. How many?", "solution": "3 + 4 = <<3+4=7>>7\n#### 7", "id": 0},

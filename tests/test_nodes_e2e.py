@@ -141,8 +141,8 @@ def test_help_documents_every_flag():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-m", "node.learner", "--model", "/nonexistent/model", "--online"], "cannot load model"),
-    (["-m", "node.learner", "--dataset", "/nonexistent/data.jsonl", "--online"], "not found"),
+    (["-m", "node.learner", "--model", "/nonexistent/model", "--online"], "--model /nonexistent/model: no such folder"),
+    (["-m", "node.learner", "--dataset", "/nonexistent/data.jsonl", "--online"], "no such file"),
     (["-m", "node.sampler", "--peers", "not-a-multiaddr"], "multiaddr"),
 ])
 def test_bad_input_gives_a_one_line_error(tmp_path, args, message):

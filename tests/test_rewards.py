@@ -25,8 +25,8 @@ from gepo.rewards import (
     format_reward,
     score_completions,
 )
+from tests.paths import GSM8K_TRAIN
 
-GSM8K_TRAIN = Path("/work/shared/data/gsm8k/train.jsonl")
 TIMEOUT_S = 1.0  # short, so the tests that wait for a timeout stay fast
 SLACK_S = 3.0  # respawn, pipes, a busy CI machine
 POW_TOWER = "$9^{9^{9^9}}$"  # C-level big-integer power: no signal interrupts it, only killing the process does

@@ -26,7 +26,7 @@ from gepo.train_step import ScoredGroup, _collate, completion_logits
 from gepo.logprobs import token_logprobs
 
 needs_policy = pytest.mark.skipif(
-    not (tiny_policy_path() / "config.json").exists(), reason="the shipped tiny policy (assets/tiny-policy) is missing"
+    not (tiny_policy_path() / "config.json").exists(), reason="the shipped tiny policy (gepo/assets/tiny-policy) is missing"
 )
 
 # small but real: the shipped tiny policy, a few steps, a small eval set
