@@ -208,7 +208,7 @@ def _recipe_value(action: argparse.Action, key: str, value: Any, where: str) -> 
     """A recipe value as the flag would have parsed it: a string for a list option is one item, not its letters;
     strings go through the flag's type; choices are enforced."""
     flag = next((f for f in action.option_strings if f.startswith("--")), key)
-    many = action.nargs in ("*", "+")
+    many = action.nargs in ("*", "+") or isinstance(action, _AppendOverDefault)
     if many and not isinstance(value, (list, tuple)):
         value = [] if value is None else [value]
     elif not many and isinstance(value, (list, tuple, dict)):

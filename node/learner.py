@@ -103,7 +103,7 @@ class LearnerConfig:
     format_weight: float = option(0.0, "weight of the <think>...</think><answer>...</answer> format reward")
     reward: list[str] = option(default_factory=list, metavar="MODULE:FUNCTION[=WEIGHT]", repeat=True,
                                help="a reward function f(prompts, completions, **columns) -> list[float | None], "
-                                    "repeatable; module is a dotted import path or a .py file; 'accuracy=W' and "
+                                    "repeatable; MODULE is a dotted import path or a path to a Python file; 'accuracy=W' and "
                                     "'format=W' set the built-ins' weights (docs/REWARDS.md)")
     reward_timeout: float = option(10.0, "seconds a plug-in reward may take per group before its worker is killed "
                                          "(the group then scores None for it; counted)")

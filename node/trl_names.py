@@ -40,14 +40,6 @@ def _choice(mapping: dict[Any, str]) -> Callable[[Any, str], str]:
     return convert
 
 
-def _report_to(value: Any, key: str) -> bool:
-    names = value if isinstance(value, (list, tuple)) else [value]
-    names = {str(n).strip().lower() for n in names if n is not None}
-    if names - {"tensorboard", "none", "all", ""}:
-        raise ConfigError(f"{key}: only tensorboard is supported (metrics.jsonl is always written); got {value!r}")
-    return bool(names & {"tensorboard", "all"})
-
-
 def _only(allowed: Any, why: str) -> Callable[[Any, str], None]:
     def same(value: Any) -> bool:
         if isinstance(allowed, (int, float)):
@@ -77,7 +69,6 @@ TABLE: dict[str, tuple[str | None, Callable[[Any, str], Any] | None, str]] = {
                                                 "none": "none"}), "true/false or group/batch/none"),
     "optim": ("optimizer", _choice({"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw",
                                     "sgd": "sgd"}), "adamw_torch -> adamw"),
-    "report_to": ("tensorboard", _report_to, "tensorboard or none"),
     "per_device_train_batch_size": ("micro_batch_rows", None,
                                     "completions per forward/backward; with gradient_accumulation_steps and "
                                     "num_generations it also sets --groups-per-step (below)"),
@@ -162,17 +153,21 @@ def translate(options: dict[str, Any], where: str, *, known: set[str], given: se
     return out
 
 
-def _reward_weights(funcs: Any, weights: Any, where: str) -> dict[str, float]:
+def _reward_weights(funcs: Any, weights: Any, where: str) -> dict[str, Any]:
     funcs = [funcs] if isinstance(funcs, str) else list(funcs)
     weights = [1.0] * len(funcs) if weights is None else [float(w) for w in weights]
     if len(weights) != len(funcs):
         raise ConfigError(f"{where}: reward_weights has {len(weights)} values for {len(funcs)} reward_funcs")
-    unknown = [f for f in funcs if f not in ("accuracy", "format")]
+    plugins = [f"{f}={w}" for f, w in zip(funcs, weights) if f not in ("accuracy", "format")]
+    unknown = [p.rpartition("=")[0] for p in plugins if ":" not in p]
     if unknown:
-        raise ConfigError(f"{where}: reward_funcs {', '.join(unknown)} are not available; the learner's rewards "
-                          f"are accuracy (math-verify) and format (<think>/<answer> tags)")
+        raise ConfigError(f"{where}: reward_funcs {', '.join(unknown)} are not available; give accuracy "
+                          f"(math-verify), format (<think>/<answer> tags) or a plug-in as module:function")
     got = dict(zip(funcs, weights))
-    return {"accuracy_weight": got.get("accuracy", 0.0), "format_weight": got.get("format", 0.0)}
+    out: dict[str, Any] = {"accuracy_weight": got.get("accuracy", 0.0), "format_weight": got.get("format", 0.0)}
+    if plugins:
+        out["reward"] = plugins  # --reward module:function=weight, one per plug-in
+    return out
 
 
 def _groups_per_step(trl: dict[str, Any], out: dict[str, Any], where: str) -> int:
@@ -198,6 +193,8 @@ def translate_argv(argv: list[str], *, known: set[str]) -> list[str]:
         token = argv[i]
         name, _, inline = token[2:].partition("=") if token.startswith("--") else ("", "", "")
         key = name.replace("-", "_")
+        if key in known and "_" in name:  # TRL's spelling of one of our own flags: --report_to -> --report-to
+            token = "--" + name.replace("_", "-") + (f"={inline}" if inline else "")
         if not key or key in known or (key not in TABLE and key not in IGNORED):
             rest.append(token)
             i += 1
@@ -218,6 +215,9 @@ def translate_argv(argv: list[str], *, known: set[str]) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):  # a repeatable flag (--reward)
+            for item in value:
+                flags += [flag, str(item)]
         else:
             flags += [flag, str(value)]
     return rest + flags

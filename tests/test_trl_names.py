@@ -53,7 +53,8 @@ def test_trl_names_on_the_command_line():
     c = configs(args)
     learner, loss = c["LearnerConfig"], c["LossConfig"]
     assert learner["lr"] == 3e-5 and learner["group_size"] == 4 and learner["max_new_tokens"] == 32
-    assert learner["run_dir"] == "runs/x" and learner["checkpoint_every"] == 7 and not learner["tensorboard"]
+    assert learner["run_dir"] == "runs/x" and learner["checkpoint_every"] == 7
+    assert learner["report_to"] == ["none"]  # our own option, in TRL's spelling
     assert learner["micro_batch_rows"] == 16 and learner["groups_per_step"] == 16 // 4  # TRL: 16 rows, G = 4
     assert learner["accuracy_weight"] == 1.0 and learner["format_weight"] == 0.25
     assert loss["epsilon_low"] == 0.28 and loss["epsilon_high"] == 0.28  # TRL: epsilon_high defaults to epsilon
@@ -74,7 +75,6 @@ def test_project_names_win_and_same_names_pass_through():
     ({"lr_scheduler_type": "cosine"}, "constant"),
     ({"importance_sampling_level": "sequence"}, "--loss gspo"),
     ({"scale_rewards": "mean"}, "scale_rewards"),
-    ({"report_to": "wandb"}, "tensorboard"),
     ({"reward_funcs": ["accuracy", "code"]}, "code"),
     ({"per_device_train_batch_size": 6, "num_generations": 4}, "not a multiple of num_generations"),
 ])
@@ -112,3 +112,11 @@ def test_recipe_string_for_a_list_option_is_one_item(tmp_path):
     recipe.write_text("peers: /ip4/1.2.3.4/tcp/1/p2p/QmX\nmax_outbox_bytes: 1GB\n")
     cfg = SwarmConfig.from_args(parse_with_recipe(build_parser(), ["--config", str(recipe)]))
     assert cfg.peers == ["/ip4/1.2.3.4/tcp/1/p2p/QmX"] and cfg.max_outbox_bytes == 10**9
+
+
+def test_trl_reward_funcs_become_plugins():
+    """TRL's reward_funcs may name our built-ins or module:function plug-ins; each plug-in keeps its weight."""
+    args = learner_args("--reward_funcs", "accuracy", "rewards/brevity.py:brevity", "--reward_weights", "1.0", "0.5")
+    learner = configs(args)["LearnerConfig"]
+    assert learner["accuracy_weight"] == 1.0 and learner["format_weight"] == 0.0
+    assert learner["reward"] == ["rewards/brevity.py:brevity=0.5"]
