@@ -110,7 +110,8 @@ def run_learner(a: argparse.Namespace) -> None:
             with taking:
                 for acc in swarm.get_rollouts(max_items=64, timeout=0.2):
                     g = acc.item
-                    emit(event="rollout", sampler=g.sampler.hex(), seq=g.seq, sender=acc.sender)
+                    emit(event="rollout", sampler=g.sampler.hex(), seq=g.seq, sender=acc.sender,
+                         received_at=acc.received_at)
 
     threading.Thread(target=consume, daemon=True).start()
     try:
@@ -157,7 +158,7 @@ def run_sampler(a: argparse.Namespace) -> None:
                 del buf
             except KeyError:
                 continue
-            emit(event="version", v=v, sha=sha, stats=swarm.stats())
+            emit(event="version", v=v, sha=sha, t=time.time(), stats=swarm.stats())
 
     threading.Thread(target=report_versions, daemon=True).start()
     try:
@@ -165,6 +166,7 @@ def run_sampler(a: argparse.Namespace) -> None:
             c = cmd["cmd"]
             if c == "submit":
                 seqs = list(range(cmd["start"], cmd["start"] + cmd["n"]))
+                t0 = time.time()
                 for seq in seqs:
                     g = RolloutGroup.from_completions(
                         run_id=a.run_id, seq=seq, policy_version=cmd.get("version", 0), prompt_index=seq % 100,
@@ -175,7 +177,7 @@ def run_sampler(a: argparse.Namespace) -> None:
                     if cmd.get("bad"):
                         data[60] ^= 0xFF  # inside the signature
                     swarm.submit(bytes(data), timeout=10)
-                emit(event="submit", seqs=seqs)
+                emit(event="submit", seqs=seqs, t0=t0)
             elif c == "stats":
                 emit(event="stats", stats=swarm.stats())
     except Shutdown:
