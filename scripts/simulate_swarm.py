@@ -83,6 +83,9 @@ class SimConfig:
     discovery: float = 1.5                 # s after starting a version before neighbours are known (DHT ChunkHave
                                            # records: announced <= 1/s, read every 0.5-3 s)
     have_lag: float = 0.3                  # a neighbour's new chunk is seen after have_poll + one-way latency
+    machine_rate: float = math.inf         # bytes/s all transfers together can move: only for the calibration, where
+                                           # every node shares one machine's CPUs (volunteers each have their own)
+    request_overhead: float = 0.0          # s of processing per chunk request (both ends), fitted by --calibrate
     ration: bool = True
     ration_interval: Optional[float] = None
     swarming: bool = True
@@ -193,6 +196,7 @@ class SwarmSim:
         self.per_src: List[Dict[int, int]] = [dict() for _ in range(n1)]
         self.neighbours: List[List[int]] = [[] for _ in range(n1)]
         self.retry_at = np.zeros(n1)
+        self.waiting_on: List[set] = [set() for _ in range(n1)]  # samplers told "busy" by each source
         self.discover_at = np.zeros(n1)
         self.manifest_at = np.zeros(n1)
         self.wake_at = np.full(n1, -1.0)  # the one pending "wake" event of each sampler (-1: none)
@@ -242,6 +246,9 @@ class SwarmSim:
         n_up = np.bincount(src, minlength=n1)
         n_down = np.bincount(dst, minlength=n1)
         rate = np.minimum(self.links.up[src] / n_up[src], self.links.down[dst] / n_down[dst])
+        total = float(rate.sum())
+        if total > self.cfg.machine_rate:
+            rate *= self.cfg.machine_rate / total
         self.f_rate[idx] = rate
         left = np.maximum(self.f_left[idx], 0.0)
         t = left / rate
@@ -259,7 +266,8 @@ class SwarmSim:
         self.inflight[dst] |= 1 << chunk
         self.n_inflight[dst] += 1
         self.per_src[dst][src] = self.per_src[dst].get(src, 0) + 1
-        self.at(self.now + 2 * self.latency(src, dst), "tx_start", k, int(self.f_gen[k]))  # request + first byte
+        self.at(self.now + 2 * self.latency(src, dst) + self.cfg.request_overhead, "tx_start", k,
+                int(self.f_gen[k]))  # request + first byte
 
     def _end_flow(self, k: int) -> Tuple[int, int, Obj, int]:
         self._advance()
@@ -356,7 +364,7 @@ class SwarmSim:
                 if not cand:
                     break
                 if self.uploads[j] >= cfg.max_uploads or self.up_to.get((j, i), 0) >= cfg.per_requester:
-                    self._schedule_wake(i, self.now + 0.5 + self.rng.random())
+                    self.waiting_on[j].add(i)  # "busy": asked again as soon as one of j's uploads ends
                     break
                 if rarity is None:
                     rarity = obj.have[neigh].sum(axis=0) + self.rng.random(obj.chunks) * 0.5
@@ -366,8 +374,7 @@ class SwarmSim:
         while (lacking and self.n_inflight[i] < cfg.max_inflight
                and self.per_src[i].get(0, 0) < cfg.max_inflight_per_peer and self.now >= self.retry_at[i]):
             if self.uploads[0] >= cfg.max_uploads or self.up_to.get((0, i), 0) >= cfg.per_requester:
-                self.retry_at[i] = self.now + 0.5 + self.rng.random()
-                self._schedule_wake(i, self.retry_at[i])
+                self.waiting_on[0].add(i)
                 break
             c, wait = self._ration(obj, _bool_array(lacking, obj.chunks))
             if c is None:
@@ -434,6 +441,13 @@ class SwarmSim:
                 src, dst, obj, chunk = self._end_flow(k)
                 self._got_chunk(dst, obj, chunk)
                 self._wake(dst)
+                waiting = self.waiting_on[src]
+                if waiting:
+                    # each one told "busy" retries after 0.5-1.5 s (retry_after): the freed slot goes to whichever
+                    # request reaches src first, on average ~U(0, 1) s + its one-way latency after it freed
+                    self.waiting_on[src] = set()
+                    for j in waiting:
+                        self._schedule_wake(j, self.now + self.rng.random() + self.latency(j, src))
                 if src != 0:
                     self._wake_waiting_on(src, obj)
                 continue
@@ -604,7 +618,8 @@ def scenario(n: int, model: str, delta: Optional[float], continuous: bool, seed:
     base = SimConfig(n=n, size=size, chunk_size=max(MiB, size / max_chunks), max_chunks=max_chunks,
                      delta=delta, poll_interval=1.0, seed=seed)
     if continuous:
-        base = replace(base, step_time=step, gen_time=gen, steps=20, session=3600.0, offline=600.0)
+        base = replace(base, step_time=step, gen_time=gen, steps=60 if n < 1000 else 40, session=3600.0,
+                       offline=600.0)
     return replace(base, **kw)
 
 
@@ -630,8 +645,8 @@ def run_scenario(cfg: SimConfig) -> Dict[str, float]:
                dropped=sim.dropped, busy=sim.busy, trained=len(sim.staleness),
                t90_median=statistics.median(reached) if reached else math.inf,
                t90_reached=f"{len(reached)}/{len(t90)}",
-               learner_upload=statistics.median(sim.learner_upload(v) for v in versions) / cfg.size if versions
-               else math.nan)
+               learner_upload=sum(sim.learner_upload(v) for v in versions) / len(versions) / cfg.size if versions
+               else math.nan)  # mean per published version
     return out
 
 
@@ -639,43 +654,71 @@ def run_scenario(cfg: SimConfig) -> Dict[str, float]:
 # calibration against scripts/bench/bench_wan.py
 
 
-def calibrate(path: str, seeds: int = 10) -> Dict[str, object]:
-    """Simulate bench_wan's distribution phase (its links, sizes, learner limit) and compare per-sampler medians."""
-    bench = json.loads(Path(path).read_text())
+def _bench_links(bench: Dict[str, object], baseline: bool) -> Links:
     from scripts.bench.bench_wan import GOODPUT, parse_links
 
     lu, ld, lms = parse_links(bench["learner_link"])[0]
     links = parse_links(bench["links"])
-    sim_links = Links(np.r_[lu * Mbit * GOODPUT, [u * Mbit * GOODPUT for u, _, _ in links]],
-                      np.r_[ld * Mbit * GOODPUT, [d * Mbit * GOODPUT for _, d, _ in links]],
-                      np.r_[lms / 1000, [m / 1000 for _, _, m in links]])
-    runs = bench["distribution"]["runs"]
-    measured = np.median(np.array([r["times"] for r in runs]), axis=0)
-    measured_all = statistics.median(max(r["times"]) for r in runs)
-    measured_up = statistics.median(r["upload"] for r in runs) / bench["size"]
-    sims = []
+    if baseline:
+        links = [(1e6, 1e6, 0.0)] * len(links)
+    return Links(np.r_[lu * Mbit * GOODPUT, [u * Mbit * GOODPUT for u, _, _ in links]],
+                 np.r_[ld * Mbit * GOODPUT, [d * Mbit * GOODPUT for _, d, _ in links]],
+                 np.r_[lms / 1000, [m / 1000 for _, _, m in links]])
+
+
+def _simulate_bench(bench: Dict[str, object], links: Links, seeds: int, overhead: float):
+    out = []
     for seed in range(seeds):
-        cfg = SimConfig(n=len(links), size=bench["size"], chunk_size=bench["chunk_size"], max_chunks=1 << 16,
-                        poll_interval=0.25, seed=seed)
-        sim = SwarmSim(cfg, sim_links).run()
-        sims.append((sim.per_sampler_times(sim.version), sim.learner_upload(sim.version) / bench["size"]))
-    predicted = np.median(np.array([t for t, _ in sims]), axis=0)
-    predicted_all = statistics.median(float(t.max()) for t, _ in sims)
-    predicted_up = statistics.median(u for _, u in sims)
-    return {"links": links, "measured": measured.tolist(), "predicted": predicted.tolist(),
-            "measured_all": measured_all, "predicted_all": predicted_all,
-            "measured_upload": measured_up, "predicted_upload": predicted_up, "size": bench["size"]}
+        cfg = SimConfig(n=len(links.up) - 1, size=bench["size"], chunk_size=bench["chunk_size"], max_chunks=1 << 16,
+                        poll_interval=0.25, seed=seed, request_overhead=overhead)
+        sim = SwarmSim(cfg, links).run()
+        out.append((sim.per_sampler_times(sim.version), sim.learner_upload(sim.version) / bench["size"]))
+    return out
+
+
+def calibrate(path: str, seeds: int = 10) -> Dict[str, object]:
+    """Simulate bench_wan's distribution phases with its links, sizes and learner limit. One parameter is fitted,
+    on the same-run baseline (uncapped samplers, no delay): ``request_overhead``, the seconds of processing each
+    chunk request costs on this loaded machine (bisection until the simulated baseline matches the measured one);
+    the capped, delayed WAN run is then predicted with it, and without it (the network alone)."""
+    from scripts.bench.bench_wan import parse_links
+
+    bench = json.loads(Path(path).read_text())
+    runs = bench["distribution"]["runs"]
+    base_all = statistics.median(max(r["times"]) for r in bench["distribution_base"]["runs"])
+    base_links = _bench_links(bench, baseline=True)
+    lo, hi = 0.0, 3.0
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        t = statistics.median(float(ts.max()) for ts, _ in _simulate_bench(bench, base_links, seeds, mid))
+        lo, hi = (mid, hi) if t < base_all else (lo, mid)
+    overhead = (lo + hi) / 2
+    wan_links_ = _bench_links(bench, baseline=False)
+    result: Dict[str, object] = {
+        "links": parse_links(bench["links"]), "request_overhead": overhead, "baseline_measured": base_all,
+        "measured": np.median(np.array([r["times"] for r in runs]), axis=0).tolist(),
+        "measured_all": statistics.median(max(r["times"]) for r in runs),
+        "measured_upload": statistics.median(r["upload"] for r in runs) / bench["size"], "size": bench["size"]}
+    for key, value in (("predicted", overhead), ("network_only", 0.0)):
+        sims = _simulate_bench(bench, wan_links_, seeds, value)
+        result[key] = np.median(np.array([t for t, _ in sims]), axis=0).tolist()
+        result[key + "_all"] = statistics.median(float(t.max()) for t, _ in sims)
+        result[key + "_upload"] = statistics.median(u for _, u in sims)
+    return result
 
 
 def calibration_table(c: Dict[str, object]) -> str:
-    rows = ["| sampler link (up/down Mbit/s @ access ms) | measured (median) | predicted (median of 10 seeds) | "
-            "predicted / measured |", "|---|---|---|---|"]
-    for i, ((u, d, m), meas, pred) in enumerate(zip(c["links"], c["measured"], c["predicted"])):
-        rows.append(f"| s{i} {u:g}/{d:g} @ {m:g} | {meas:.1f} s | {pred:.1f} s | {pred / meas:.2f} |")
+    rows = [f"Fitted on the same-run baseline (uncapped samplers, no delay; all hold it after "
+            f"{c['baseline_measured']:.1f} s): request_overhead = {c['request_overhead'] * 1000:.0f} ms per chunk.", "",
+            "| sampler link (up/down Mbit/s @ access ms) | measured (median) | predicted | predicted / measured | "
+            "network only (overhead 0) |", "|---|---|---|---|---|"]
+    for i, ((u, d, m), meas, pred, net) in enumerate(zip(c["links"], c["measured"], c["predicted"],
+                                                         c["network_only"])):
+        rows.append(f"| s{i} {u:g}/{d:g} @ {m:g} | {meas:.1f} s | {pred:.1f} s | {pred / meas:.2f} | {net:.1f} s |")
     rows.append(f"| **all six hold it** | **{c['measured_all']:.1f} s** | **{c['predicted_all']:.1f} s** | "
-                f"**{c['predicted_all'] / c['measured_all']:.2f}** |")
+                f"**{c['predicted_all'] / c['measured_all']:.2f}** | {c['network_only_all']:.1f} s |")
     rows.append(f"| learner upload per version | {c['measured_upload']:.2f} x | {c['predicted_upload']:.2f} x | "
-                f"{c['predicted_upload'] / c['measured_upload']:.2f} |")
+                f"{c['predicted_upload'] / c['measured_upload']:.2f} | {c['network_only_upload']:.2f} x |")
     return "\n".join(rows)
 
 
@@ -706,6 +749,28 @@ def scale(ns: List[int], models: List[str], out_json: str, plot: Optional[str]) 
     if plot:
         make_plot(results, ns, models, plot)
     return results
+
+
+def tables(results: Dict[str, object], ns: List[int], models: List[str]) -> str:
+    """The markdown tables of docs/SCALE.md from a --scale JSON."""
+    out = ["| model (bf16 size) | N | full: 90 % hold it | full: learner upload | delta 1.5 %: 90 % hold it | "
+           "delta: learner upload (x full size) |", "|---|---:|---:|---:|---:|---:|"]
+    for model in models:
+        for n in ns:
+            f, d = (results[f"{model}|{n}|{k}|distribution"] for k in ("full", "delta"))
+            out.append(f"| {model} ({MODELS[model] / 1e9:.2g} GB) | {n} | {fmt_t(f['t90'])} | "
+                       f"{f['learner_upload']:.1f} x | {fmt_t(d['t90'])} | {d['learner_upload']:.3f} x |")
+    out += ["", "| model | N | versions | learner waits | staleness median / p90 / max | groups dropped stale | "
+            "realised 90 % hold time (median) | learner upload per version |", "|---|---:|---|---:|---|---:|---:|---:|"]
+    for model in models:
+        for n in ns:
+            for kind in ("full", "delta"):
+                r = results[f"{model}|{n}|{kind}|continuous"]
+                out.append(f"| {model} | {n} | {kind} | {100 * r['wait_fraction']:.0f} % | "
+                           f"{r['staleness_median']:.0f} / {r['staleness_p90']:.0f} / {r['staleness_max']:.0f} | "
+                           f"{r['dropped']} of {r['dropped'] + r['trained']} | {fmt_t(r['t90_median'])} "
+                           f"({r['t90_reached']} reached) | {r['learner_upload']:.2f} x |")
+    return "\n".join(out)
 
 
 def make_plot(results: Dict[str, object], ns: List[int], models: List[str], path: str) -> None:
@@ -748,6 +813,7 @@ def main() -> None:
     p.add_argument("--models", default="135M,1.7B,8B")
     p.add_argument("--json", default="simulate_swarm.json", help="--scale: where the figures go")
     p.add_argument("--plot", default=None, help="--scale: PNG path")
+    p.add_argument("--tables", metavar="SCALE_JSON", help="print the markdown tables of a --scale JSON (and --plot)")
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--model", default="1.7B", choices=sorted(MODELS))
     p.add_argument("--delta", type=float, default=None, help="delta size fraction (default: full versions)")
@@ -756,6 +822,12 @@ def main() -> None:
     a = p.parse_args()
     if a.calibrate:
         print(calibration_table(calibrate(a.calibrate)))
+    elif a.tables:
+        results = json.loads(Path(a.tables).read_text())
+        ns, models = [int(x) for x in a.ns.split(",")], a.models.split(",")
+        print(tables(results, ns, models))
+        if a.plot:
+            make_plot(results, ns, models, a.plot)
     elif a.scale:
         scale([int(x) for x in a.ns.split(",")], a.models.split(","), a.json, a.plot)
     else:

@@ -11,7 +11,8 @@ one-way delay = sum of the two hosts' access delays). Hosts:
   its uplink, as an operator would;
 * ``home`` a sampler behind a home NAT (``--client-mode``), 5 up / 10 down Mbit/s, 40 ms;
 * ``base`` a sampler on an uncapped, zero-delay public link: the baseline measured in the same run;
-* ``s0``..``s5`` public samplers (serving chunks to each other), ``--links`` (up/down Mbit/s @ ms).
+* ``s0``..``s5`` public samplers (serving chunks to each other), ``--links`` (up/down Mbit/s @ ms);
+* ``b0``..``b5`` the same-run baseline for the distribution: public samplers, uncapped, no delay.
 
 1. **Join**: time inside ``SamplerSwarm.start`` (daemon, bootstrap dial, DHT, first heartbeat) and from starting
    the sampler process (adds Python/torch/hivemind imports), ``--repeats`` times for ``home`` and ``base``.
@@ -20,7 +21,9 @@ one-way delay = sum of the two hosts' access delays). Hosts:
 3. **Distribution**: ``--repeats`` full versions of ``--size`` (16 MiB, 1 MiB chunks) to s0..s5; for each, the
    time from ``publish`` until each sampler holds it verified, and the learner's upload for it. The floor is the
    fluid bound for heterogeneous peer-to-peer distribution: ``max(S/u_L, S/min d_i, N S / (u_L + sum u_i))`` plus
-   the slowest path's round trip, with link rates at 95 % (TCP/IP headers) of the tbf rate.
+   the slowest path's round trip, with link rates at 95 % (TCP/IP headers) of the tbf rate. The same is measured
+   first with b0..b5 (only the learner's link capped): what this machine's CPUs allow, for the simulator's
+   calibration (scripts/simulate_swarm.py --calibrate).
 
 Medians are quoted; the machine is shared, so the ratios against ``base`` and against the floor matter more than
 absolutes.
@@ -31,12 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from node.local import JsonProc, stop_all
 from node.ratelimit import parse_size
@@ -85,12 +89,15 @@ class Bench:
         self.wan.add_host("base")
         for i, (u, d, m) in enumerate(self.links):
             self.wan.add_host(f"s{i}", up_mbit=u, down_mbit=d, delay_ms=m)
+        for i in range(len(self.links)):
+            self.wan.add_host(f"b{i}")  # the same-run baseline: uncapped, no delay
         self.wan.start()
         self.learner = self.node("L", "learner", ["--port", "4001", "--limit", str(up * 1e6 / 8 * GOODPUT),
                                                   "--rpc-timeout", "15"])
         ready = self.learner.wait_event("ready", 120)
         self.maddr, self.key = ready["maddrs"][0], ready["key"]
         self.count = 0
+        self.last_v: Optional[int] = None
 
     def node(self, host: str, role: str, args: List[str]) -> JsonProc:
         self.count = getattr(self, "count", 0) + 1
@@ -133,15 +140,19 @@ class Bench:
         finally:
             stop_all(list(samplers.values()), 15)
 
-    def distribution(self) -> Dict[str, Any]:
+    def distribution(self, prefix: str, first_v: int) -> Dict[str, Any]:
         a = self.a
-        samplers = [self.sampler(f"s{i}") for i in range(len(self.links))]
+        samplers = [self.sampler(f"{prefix}{i}") for i in range(len(self.links))]
         try:
             for s in samplers:
                 s.wait_event("joined", 180)
+            if self.last_v is not None:  # they fetch the current version first: not part of the measurement
+                for s in samplers:
+                    s.wait_event("version", a.timeout, v=self.last_v)
             runs = []
             for r in range(a.repeats):
-                v = 10 + r
+                v = first_v + r
+                self.last_v = v
                 pub = self.learner.request("publish", timeout=120, v=v, size=a.size, chunk=a.chunk_size)
                 evs = [s.wait_event("version", a.timeout, v=v) for s in samplers]
                 assert all(e["sha"] == pub["sha"] for e in evs), "a sampler holds a corrupted version"
@@ -149,7 +160,7 @@ class Bench:
                 upload = self.learner.request("stats")["stats"]["upload_by_version"].get(str(v), 0)
                 from_peers = [e["stats"]["chunks_from_peers"] for e in evs]
                 runs.append({"v": v, "times": times, "upload": upload, "chunks_from_peers": from_peers})
-                print(f"  v{v}: per sampler " + ", ".join(f"{t:.1f}" for t in times)
+                print(f"  {prefix}* v{v}: per sampler " + ", ".join(f"{t:.1f}" for t in times)
                       + f" s; all {max(times):.1f} s; learner uploaded {upload / a.size:.2f} x", flush=True)
                 time.sleep(1)
             return {"runs": runs}
@@ -172,6 +183,10 @@ def main() -> None:
     p.add_argument("--skip", default="", help="comma-separated: join,ack,distribution")
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt  # so that `timeout` (SIGTERM) still tears the namespaces down
+
+    signal.signal(signal.SIGTERM, interrupted)
     reason = missing_features()
     if reason:
         sys.exit(f"bench_wan: the emulated WAN is unavailable: {reason}")
@@ -187,7 +202,8 @@ def main() -> None:
         if "ack" not in skip:
             results["ack"] = bench.ack_latency()
         if "distribution" not in skip:
-            results["distribution"] = bench.distribution()
+            results["distribution_base"] = bench.distribution("b", 10)
+            results["distribution"] = bench.distribution("s", 20)
     finally:
         bench.close()
         if a.json:
@@ -209,6 +225,8 @@ def main() -> None:
         print(f"distribution of {a.size / MiB:.0f} MiB to {len(bench.links)} samplers: all hold it after "
               f"{med(last):.1f} s (median; runs " + ", ".join(f"{t:.1f}" for t in last) + f"), floor {floor:.1f} s, "
               f"x floor {med(last) / floor:.2f}; learner upload {med(r['upload'] for r in runs) / a.size:.2f} x size")
+        base = [max(r["times"]) for r in results["distribution_base"]["runs"]]
+        print(f"baseline (same learner, samplers uncapped, no delay): all hold it after {med(base):.1f} s")
         for i, link in enumerate(bench.links):
             print(f"  s{i} {link[0]:g}/{link[1]:g} Mbit/s @{link[2]:g} ms: "
                   f"{med(r['times'][i] for r in runs):.1f} s")
