@@ -533,16 +533,20 @@ class SwarmSim:
         if token != self.gen_token[i] or not self.online[i] or self.done:
             return
         self.outbox[i] += 1
-        self._send(i, version, 0.0)
+        self._send(i, version, 0.0, 0)
         self._start_gen(i)
 
-    def _send(self, i: int, version: int, wait: float) -> None:
-        self.at(self.now + wait + self.latency(i, 0) + self.cfg.group_bytes / self.links.up[i], "group", i, version)
+    def _send(self, i: int, version: int, wait: float, tries: int) -> None:
+        self.at(self.now + wait + self.latency(i, 0) + self.cfg.group_bytes / self.links.up[i], "group", i, version,
+                tries)
 
-    def _on_group(self, i: int, version: int) -> None:
+    def _on_group(self, i: int, version: int, tries: int) -> None:
         if len(self.inbox) >= self.cfg.max_buffered_steps * self.cfg.batch:
-            self.busy += 1  # "busy": the sampler keeps it and retries after its back-off
-            self._send(i, version, self.latency(i, 0) + self.rng.uniform(0.5, 2.0))
+            # "busy": the sampler keeps it and retries after an exponential, jittered back-off (retry_min 0.5 s,
+            # retry_max 30 s)
+            self.busy += 1
+            backoff = min(30.0, 0.5 * 2 ** tries) * self.rng.uniform(0.5, 1.5)
+            self._send(i, version, self.latency(i, 0) + backoff, tries + 1)
             return
         self.inbox.append(version)
         self.at(self.now + self.latency(i, 0), "acked", i)
@@ -757,6 +761,8 @@ def tables(results: Dict[str, object], ns: List[int], models: List[str]) -> str:
            "delta: learner upload (x full size) |", "|---|---:|---:|---:|---:|---:|"]
     for model in models:
         for n in ns:
+            if f"{model}|{n}|delta|distribution" not in results:
+                continue
             f, d = (results[f"{model}|{n}|{k}|distribution"] for k in ("full", "delta"))
             out.append(f"| {model} ({MODELS[model] / 1e9:.2g} GB) | {n} | {fmt_t(f['t90'])} | "
                        f"{f['learner_upload']:.1f} x | {fmt_t(d['t90'])} | {d['learner_upload']:.3f} x |")
@@ -765,7 +771,9 @@ def tables(results: Dict[str, object], ns: List[int], models: List[str]) -> str:
     for model in models:
         for n in ns:
             for kind in ("full", "delta"):
-                r = results[f"{model}|{n}|{kind}|continuous"]
+                r = results.get(f"{model}|{n}|{kind}|continuous")
+                if r is None:
+                    continue
                 out.append(f"| {model} | {n} | {kind} | {100 * r['wait_fraction']:.0f} % | "
                            f"{r['staleness_median']:.0f} / {r['staleness_p90']:.0f} / {r['staleness_max']:.0f} | "
                            f"{r['dropped']} of {r['dropped'] + r['trained']} | {fmt_t(r['t90_median'])} "
@@ -783,14 +791,17 @@ def make_plot(results: Dict[str, object], ns: List[int], models: List[str], path
     colours = {"135M": "tab:blue", "1.7B": "tab:orange", "8B": "tab:red"}
     for model in models:
         for label, style in (("full", "-"), ("delta", "--")):
-            t90 = [results[f"{model}|{n}|{label}|distribution"]["t90"] for n in ns]
-            axes[0].plot(ns, t90, style, marker="o", color=colours[model], label=f"{model} {label}")
-            wait = [results[f"{model}|{n}|{label}|continuous"]["wait_fraction"] for n in ns]
-            axes[1].plot(ns, wait, style, marker="o", color=colours[model], label=f"{model} {label}")
-            med = [results[f"{model}|{n}|{label}|continuous"]["staleness_median"] for n in ns]
-            p90 = [results[f"{model}|{n}|{label}|continuous"]["staleness_p90"] for n in ns]
-            axes[2].plot(ns, p90, style, marker="o", color=colours[model], label=f"{model} {label} (p90)")
-            axes[2].plot(ns, med, style, marker=".", color=colours[model], alpha=0.4)
+            def series(kind: str, key: str):
+                pts = [(n, results[f"{model}|{n}|{label}|{kind}"][key]) for n in ns
+                       if f"{model}|{n}|{label}|{kind}" in results]
+                return [n for n, _ in pts], [v for _, v in pts]
+
+            axes[0].plot(*series("distribution", "t90"), style, marker="o", color=colours[model],
+                         label=f"{model} {label}")
+            axes[1].plot(*series("continuous", "wait_fraction"), style, marker="o", color=colours[model])
+            axes[2].plot(*series("continuous", "staleness_p90"), style, marker="o", color=colours[model])
+            axes[2].plot(*series("continuous", "staleness_median"), style, marker=".", color=colours[model],
+                         alpha=0.4)
     axes[0].set(xscale="log", yscale="log", xlabel="samplers N", ylabel="seconds",
                 title="time until 90 % of samplers hold a new version")
     axes[1].set(xscale="log", xlabel="samplers N", ylabel="fraction of time", ylim=(-0.02, 1.02),
