@@ -619,7 +619,7 @@ def scenario(n: int, model: str, delta: Optional[float], continuous: bool, seed:
     size = MODELS[model]
     step, gen = MODEL_TIMES[model]
     max_chunks = 16 if n >= 1000 else 32
-    base = SimConfig(n=n, size=size, chunk_size=max(MiB, size / max_chunks), max_chunks=max_chunks,
+    base = SimConfig(n=n, size=size, chunk_size=MiB, max_chunks=max_chunks,  # deltas get their own pieces
                      delta=delta, poll_interval=1.0, seed=seed)
     if continuous:
         base = replace(base, step_time=step, gen_time=gen, steps=60 if n < 1000 else 40, session=3600.0,
