@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench clean-venv
+.PHONY: install test test-fast demo bench clean-venv wan-deps
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(MAKE) test PYTEST_ARGS="-m 'not slow'"
+
+# Debian packages for the emulated-WAN tests (tests/test_wan.py: network namespaces, tc tbf, nftables NAT).
+# Needs root; without them those tests are skipped with the reason.
+wan-deps:
+	@if [ "$$(id -u)" = 0 ] && ! (command -v ip && command -v tc && command -v nft) >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 nftables; fi
 
 demo: $(STAMP)
 	$(PY) -m scripts.demo

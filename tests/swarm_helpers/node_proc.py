@@ -7,7 +7,7 @@ Weights are synthetic: version v is ``numpy.random.default_rng(v).bytes(size)`` 
 are tiny but real (signed :class:`protocol.rollout.RolloutGroup`), validated by the real
 :class:`protocol.validate.RolloutValidator` on the learner.
 
-Commands: ``publish {v, size, chunk}`` (learner), ``submit {start, n, bad}`` (sampler), ``stats``.
+Commands: ``publish {v, size, chunk}`` (learner), ``submit {start, n, bad, wait_ack}`` (sampler), ``stats``.
 Events: ``ready`` (learner) / ``joined`` (sampler) at start, ``publish``, ``rollout`` (each group the learner's
 trainer side takes), ``version`` (each version a sampler holds, with the SHA-256 of its bytes), ``submit``,
 ``stats``. The learner's ``stats`` event comes after the ``rollout`` events of every group taken so far, so a
@@ -110,7 +110,8 @@ def run_learner(a: argparse.Namespace) -> None:
             with taking:
                 for acc in swarm.get_rollouts(max_items=64, timeout=0.2):
                     g = acc.item
-                    emit(event="rollout", sampler=g.sampler.hex(), seq=g.seq, sender=acc.sender)
+                    emit(event="rollout", sampler=g.sampler.hex(), seq=g.seq, sender=acc.sender,
+                         received_at=acc.received_at)
 
     threading.Thread(target=consume, daemon=True).start()
     try:
@@ -144,8 +145,9 @@ def run_sampler(a: argparse.Namespace) -> None:
             return bytes(out)
 
         swarm.chunk_server.tamper = tamper
+    t_start = time.monotonic()
     swarm.start(wait_for_learner=120)
-    emit(event="joined", learner_key=swarm.learner_key, peer_id=swarm.peer_id, key=swarm.public_key_str,
+    emit(event="joined", start_s=time.monotonic() - t_start, learner_key=swarm.learner_key, peer_id=swarm.peer_id, key=swarm.public_key_str,
          maddrs=swarm.maddrs, version=swarm.latest_version())
 
     def report_versions() -> None:
@@ -157,7 +159,7 @@ def run_sampler(a: argparse.Namespace) -> None:
                 del buf
             except KeyError:
                 continue
-            emit(event="version", v=v, sha=sha, stats=swarm.stats())
+            emit(event="version", v=v, sha=sha, t=time.time(), stats=swarm.stats())
 
     threading.Thread(target=report_versions, daemon=True).start()
     try:
@@ -165,6 +167,8 @@ def run_sampler(a: argparse.Namespace) -> None:
             c = cmd["cmd"]
             if c == "submit":
                 seqs = list(range(cmd["start"], cmd["start"] + cmd["n"]))
+                acked_before = swarm.stats().get("accepted", 0)
+                t0 = time.time()
                 for seq in seqs:
                     g = RolloutGroup.from_completions(
                         run_id=a.run_id, seq=seq, policy_version=cmd.get("version", 0), prompt_index=seq % 100,
@@ -175,7 +179,13 @@ def run_sampler(a: argparse.Namespace) -> None:
                     if cmd.get("bad"):
                         data[60] ^= 0xFF  # inside the signature
                     swarm.submit(bytes(data), timeout=10)
-                emit(event="submit", seqs=seqs)
+                t_ack = None
+                if cmd.get("wait_ack"):  # for bench_wan: when the learner's answers are back (5 ms resolution)
+                    deadline = time.monotonic() + 60
+                    while swarm.stats().get("accepted", 0) < acked_before + len(seqs) and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                    t_ack = time.time()
+                emit(event="submit", seqs=seqs, t0=t0, t_ack=t_ack)
             elif c == "stats":
                 emit(event="stats", stats=swarm.stats())
     except Shutdown:

@@ -11,7 +11,7 @@ import socket
 import time
 from collections import Counter
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import psutil
 
@@ -21,9 +21,11 @@ Pid = Tuple[int, float]  # (pid, creation time): names one process even if the P
 
 
 class NodeProc(JsonProc):
-    def __init__(self, args: List[str], log_path: Path):
+    def __init__(self, args: List[str], log_path: Path, netns: Optional[str] = None):
+        """``netns``: run inside that network namespace (the emulated WAN of tests/test_wan.py)."""
         self.args = list(args)
-        super().__init__(["-m", "tests.swarm_helpers.node_proc", *args], log_path)
+        launcher = ["-m", "scripts.wan_emu.netns_exec", netns] if netns else ["-m"]
+        super().__init__([*launcher, "tests.swarm_helpers.node_proc", *args], log_path)
 
     def crash(self) -> List[Pid]:
         """SIGKILL only the main process; returns its helpers (the forked DHT process, the libp2p daemon), which
