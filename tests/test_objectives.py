@@ -230,6 +230,110 @@ def test_grpo_by_hand():
     assert compute_loss(logp, q, mask, adv, None, capped)[0].item() == pytest.approx((-0.85 + 1.5) / 2)
 
 
+def _hand_batch():
+    # Row 0: tokens with ratio (1.5, 0.5), A = +1; row 1: one token with ratio 2, A = -1 (as test_grpo_by_hand).
+    q = torch.log(torch.tensor([[0.2, 0.4], [0.1, 0.3]], dtype=torch.float64))
+    logp = torch.log(torch.tensor([[0.3, 0.2], [0.2, 0.9]], dtype=torch.float64))
+    mask = torch.tensor([[True, True], [True, False]])
+    return logp, q, mask, torch.tensor([1.0, -1.0], dtype=torch.float64)
+
+
+def test_tis_cispo_by_hand():
+    logp, q, mask, adv = _hand_batch()
+    # TIS, cap 2: units -min(w, 2) A = -1.5, -0.5, +2; token mean over N = 3 tokens: 0. Cap 1.2: -1.2, -0.5, +1.2.
+    loss, m = compute_loss(logp, q, mask, adv, None, LossConfig(loss_type="tis"))
+    assert loss.item() == pytest.approx(0.0, abs=1e-15) and m["clip_frac_high"] == 0.0
+    loss, m = compute_loss(logp, q, mask, adv, None, LossConfig(loss_type="tis", tis_cap=1.2))
+    assert loss.item() == pytest.approx(-0.5 / 3) and m["clip_frac_high"] == pytest.approx(2 / 3)
+    # CISPO, cap 5: -(1.5 ln 0.3 + 0.5 ln 0.2 - 2 ln 0.2) / 3 = 0.5 ln(2/3); gradient -min(w, 5) A / 3 per token.
+    leaf = logp.clone().requires_grad_()
+    loss, m = compute_loss(leaf, q, mask, adv, None, LossConfig(loss_type="cispo"))
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5 * math.log(2 / 3)) and m["clip_frac_high"] == 0.0
+    torch.testing.assert_close(leaf.grad, torch.tensor([[-0.5, -1 / 6], [2 / 3, 0.0]], dtype=torch.float64))
+
+
+def test_m2po_by_hand():
+    logp, q, mask, adv = _hand_batch()
+    # The PPO clip acts only on token (0, 0): A > 0 and ratio 1.5 > 1; its d^2 = ln(1.5)^2 = 0.164 > 0.04, so the
+    # bound is tau = 0 (k = 0): clip to [1, 1]. Units: -min(1.5, 1) = -1, -min(0.5, 1) = -0.5, -min(-2, -1) = 2.
+    loss, m = compute_loss(logp, q, mask, adv, None, LossConfig(loss_type="m2po"))
+    assert loss.item() == pytest.approx(0.5 / 3)
+    assert m["clip_frac_high"] == pytest.approx(1 / 3) and m["clip_frac_low"] == 0.0
+    # A budget above 0.164: no clip at all, the plain policy gradient -w A: (-1.5 - 0.5 + 2) / 3 = 0.
+    loss, m = compute_loss(logp, q, mask, adv, None, LossConfig(loss_type="m2po", m2po_budget=0.2))
+    assert loss.item() == pytest.approx(0.0, abs=1e-15) and m["clip_frac_high"] == 0.0
+
+
+def test_m2po_bound_by_hand():
+    # Three clip-side tokens with d = 0.1, 0.3, 0.5 (A > 0, ratio > 1): v = 0.01, 0.09, 0.25, mean 0.1167.
+    d = torch.tensor([[0.1, 0.3, 0.5]], dtype=torch.float64)
+    mask, adv = torch.ones(1, 3, dtype=torch.bool), torch.ones(1, dtype=torch.float64)
+    # budget 0.04, target 0.12: capping at v_0 sums 0.03, at v_1 0.19 >= 0.12, so k = 1 and tau^2 = v_0.
+    assert m2po_log_bound(d, adv, mask, 0.04) == pytest.approx(0.1)
+    # budget 0.07, target 0.21: capping at v_1 sums 0.19 < 0.21, at v_2 0.35, so tau^2 = v_1.
+    assert m2po_log_bound(d, adv, mask, 0.07) == pytest.approx(0.3)
+    assert m2po_log_bound(d, adv, mask, 0.12) == math.inf  # within budget
+    assert m2po_log_bound(-d, adv, mask, 0.04) == math.inf  # A > 0 with ratio < 1: not on the clip side
+    assert m2po_log_bound(-d, -adv, mask, 0.04) == pytest.approx(0.1)
+    # the capped second moment at the bound is within the budget
+    tau = m2po_log_bound(d, adv, mask, 0.04)
+    assert (torch.clamp(d**2, max=tau**2).mean() <= 0.04).item()
+
+
+def test_icepop_by_hand():
+    logp, q, mask, adv = _hand_batch()
+    # beta = 1.8 masks the ratio-2 token (row 1): GRPO = (-0.85 + 0) / 2; a ratio on the bound (0.5) is kept.
+    cfg = LossConfig(loss_type="grpo", icepop=True, icepop_high=1.8)
+    leaf = logp.clone().requires_grad_()
+    loss, m = compute_loss(leaf, q, mask, adv, None, cfg)
+    loss.backward()
+    assert loss.item() == pytest.approx(-0.425) and m["mask_frac"] == pytest.approx(1 / 3)
+    assert leaf.grad[1, 0] == 0.0 and leaf.grad[0, 1] != 0.0
+    # IcePop's own form, -M(sg(w)) A grad log p with M(k) = k inside [alpha, beta], is TIS with a cap >= beta.
+    tis = compute_loss(logp, q, mask, adv, None, LossConfig(loss_type="tis", tis_cap=5.0, icepop=True, icepop_high=1.8))
+    assert tis[0].item() == pytest.approx((-1.5 - 0.5) / 3)
+
+
+ON_POLICY_TYPES = ["tis", "cispo", "m2po"]
+
+
+@pytest.mark.parametrize("loss_type", ON_POLICY_TYPES)
+@pytest.mark.parametrize("icepop", [False, True])
+def test_on_policy_limit_is_the_token_mean_policy_gradient(loss_type, icepop):
+    # p = q: every weight is 1, nothing is truncated, clipped or masked; TIS and M2PO are then exactly DAPO (token
+    # mean of -A, gradient -A grad log p / N), CISPO has DAPO's gradient (its value is -A log p / N instead).
+    _, logp, mask, adv, gids, _ = _batch(B=8, T=6)  # the sampler's log-probs, as the learner's too
+    q = logp.clone()
+    base_leaf = logp.clone().requires_grad_()
+    base, bm = compute_loss(base_leaf, q, mask, adv, gids, LossConfig(loss_type="dapo"))
+    base.backward()
+    leaf = logp.clone().requires_grad_()
+    loss, m = compute_loss(leaf, q, mask, adv, gids, LossConfig(loss_type=loss_type, icepop=icepop))
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, base_leaf.grad)
+    if loss_type == "cispo":
+        expected = -(adv.unsqueeze(1) * logp)[mask].sum() / mask.sum()
+        torch.testing.assert_close(loss, expected)
+    else:
+        torch.testing.assert_close(loss, base)
+    assert m["clip_frac_low"] == m["clip_frac_high"] == m["mask_frac"] == 0.0 and m["iw_var"] == 0.0
+    assert m2po_log_bound(logp - q, adv, mask, 0.04) == math.inf
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "delta_l", "tis", "cispo", "m2po"])
+def test_icepop_on_policy_changes_nothing(loss_type):
+    _, logp, mask, adv, gids, _ = _batch(B=8, T=6)
+    outs = []
+    for icepop in (False, True):
+        leaf = logp.clone().requires_grad_()
+        loss, _ = compute_loss(leaf, logp.clone(), mask, adv, gids, LossConfig(loss_type=loss_type, icepop=icepop))
+        loss.backward()
+        outs.append((loss, leaf.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+
+
 # -------------------------------------------------------------------------------------------------- gradients
 
 
