@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "gepo", "delta_l")
-TOKEN_LEVEL_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "delta_l")  # importance weight per token
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "gepo", "delta_l", "tis", "cispo", "m2po")
+TOKEN_LEVEL_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "delta_l", "tis", "cispo", "m2po")  # weight per token
+# Token-level types whose per-token term is not the PPO clip of the sampler ratio: a detached, truncated weight
+# times the policy-gradient term (TIS, CISPO). They ignore epsilon_low / epsilon_high / delta.
+TRUNCATED_IS_TYPES = ("tis", "cispo")
 SEQUENCE_LEVEL_TYPES = ("gspo", "gepo")  # one weight (and one loss term) per row
 ADVANTAGE_STDS = ("auto", "group", "batch", "none")
 GEPO_GROUPINGS = ("prompt", "micro_batch")
@@ -21,7 +24,14 @@ _AUTO_ADVANTAGE_STD = {
     "gepo": "none",
     "dr_grpo": "none",
     "delta_l": "none",
+    # verl's GRPO advantage (TIS, M2PO reference code) and TRL's default (CISPO) divide by the group std
+    "tis": "group",
+    "cispo": "group",
+    "m2po": "group",
 }
+# Aggregation of the newer token-level types: a token mean over the whole step (TRL's num_items_in_batch for CISPO;
+# verl's "token-mean" for TIS and M2PO, which equals it when the step is one micro-batch).
+_AUTO_AGGREGATION = {"tis": "dapo", "cispo": "dapo", "m2po": "dapo"}
 
 
 @dataclass
@@ -29,8 +39,9 @@ class LossConfig:
     """Everything `gepo.objectives.compute_loss` and `gepo.logprobs` need to know. Validated on construction."""
 
     loss_type: str = "gepo"
-    """One of grpo, bnpo, dr_grpo, dapo, gspo, gepo, delta_l. Fixes the importance-weight level (token for grpo, bnpo,
-    dr_grpo, dapo, delta_l; sequence for gspo; group for gepo) and the default aggregation."""
+    """One of grpo, bnpo, dr_grpo, dapo, gspo, gepo, delta_l, tis, cispo, m2po. Fixes the importance-weight level
+    (token for grpo, bnpo, dr_grpo, dapo, delta_l, tis, cispo, m2po; sequence for gspo; group for gepo) and the default
+    aggregation (tis, cispo, m2po: dapo's token mean over the step)."""
 
     epsilon_low: float = 0.2
     """PPO clip: the weight is clipped below at 1 - epsilon_low. The official GEPO code uses 0.2 for every method."""
@@ -65,6 +76,28 @@ class LossConfig:
     max_completion_length: int = 256
     """M: Dr.GRPO's constant normaliser (rows x M) and ∆L's 1/M. Must equal the sampler's generation limit."""
 
+    tis_cap: float = 2.0
+    """TIS (Yao et al.; verl's rollout_is_threshold): the detached token weight min(p/q, tis_cap) multiplies the
+    policy-gradient term. 2.0 is the default of the TIS blog and of verl."""
+
+    cispo_max_weight: float = 5.0
+    """CISPO: the detached token weight min(p/q, cispo_max_weight) multiplies A log p. This is TRL's epsilon_high
+    for loss_type="cispo" (an absolute cap, not 1 + eps), ScaleRL's eps_max, recommended 5.0 by TRL."""
+
+    m2po_budget: float = 0.04
+    """M2PO: the second-moment budget tau_M2 on the log-ratio of the tokens the PPO clip acts on (A > 0 with p > q,
+    A < 0 with p < q); 0.04 in the paper and every reference script."""
+
+    icepop: bool = False
+    """IcePop-style masking for token-level types: tokens whose ratio p/q lies outside [icepop_low, icepop_high]
+    contribute neither loss nor gradient (and are still counted by the aggregation's denominator)."""
+
+    icepop_low: float = 0.5
+    """IcePop's alpha (Ling team: 0.5)."""
+
+    icepop_high: float = 5.0
+    """IcePop's beta (Ling team: 5.0)."""
+
     beta: float = 0.0
     """Reference-policy KL coefficient (k3 estimator, per token). 0 in every GEPO recipe, and then no reference model
     is needed."""
@@ -87,12 +120,15 @@ class LossConfig:
             if value not in allowed:
                 raise ValueError(f"LossConfig.{name} must be one of {', '.join(allowed)}; got {value!r}")
 
-        for name in ("epsilon_low", "epsilon_high", "delta_l_alpha", "beta", "sampler_kl_coef", "temperature"):
+        for name in ("epsilon_low", "epsilon_high", "delta_l_alpha", "beta", "sampler_kl_coef", "temperature",
+                     "tis_cap", "cispo_max_weight", "m2po_budget", "icepop_low", "icepop_high"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"LossConfig.{name} must be a number; got {value!r}")
         if self.delta is not None and (isinstance(self.delta, bool) or not isinstance(self.delta, (int, float))):
             raise ValueError(f"LossConfig.delta must be a number or None; got {self.delta!r}")
+        if not isinstance(self.icepop, bool):
+            raise ValueError(f"LossConfig.icepop must be a bool; got {self.icepop!r}")
         one_of("loss_type", LOSS_TYPES)
         one_of("advantage_std", ADVANTAGE_STDS)
         one_of("gepo_grouping", GEPO_GROUPINGS)
@@ -123,6 +159,19 @@ class LossConfig:
             raise ValueError(f"sampler_kl_coef must be >= 0; got {self.sampler_kl_coef}")
         if not self.temperature > 0.0:
             raise ValueError(f"temperature must be > 0; got {self.temperature}")
+        for name in ("tis_cap", "cispo_max_weight", "m2po_budget"):
+            if not getattr(self, name) > 0.0:
+                raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
+        if self.delta is not None and self.loss_type in TRUNCATED_IS_TYPES:
+            raise ValueError(f"delta caps the PPO term's unclipped weight; {self.loss_type} has no PPO term "
+                             f"(its weight is capped by {'tis_cap' if self.loss_type == 'tis' else 'cispo_max_weight'})")
+        if self.icepop:
+            if self.loss_type in SEQUENCE_LEVEL_TYPES:
+                raise ValueError(f"icepop masks tokens and needs a token-level loss type; {self.loss_type} has one "
+                                 "weight per row")
+            if not 0.0 <= self.icepop_low < 1.0 < self.icepop_high:
+                raise ValueError(f"icepop needs 0 <= icepop_low < 1 < icepop_high (the on-policy ratio 1 is kept); "
+                                 f"got [{self.icepop_low}, {self.icepop_high}]")
 
     def resolved_advantage_std(self) -> str:
         """The std scaling actually used: "group", "batch" or "none" ("auto" resolved by loss type)."""
@@ -134,7 +183,7 @@ class LossConfig:
         """The aggregation actually used: the loss type's own name, or "delta_l"."""
         if self.loss_type == "delta_l" or self.aggregation == "delta_l":
             return "delta_l"
-        return self.loss_type
+        return _AUTO_AGGREGATION.get(self.loss_type, self.loss_type)
 
     def weight_level(self) -> str:
         """Where the importance weight lives: "token", "sequence" (gspo) or "group" (gepo)."""

@@ -1,12 +1,14 @@
-"""Policy-optimization losses: GRPO, BNPO, Dr.GRPO, DAPO, GSPO, GEPO and ∆L, as small pure functions.
+"""Policy-optimization losses: GRPO, BNPO, Dr.GRPO, DAPO, GSPO, GEPO, ∆L, TIS, CISPO and M2PO (and IcePop masking),
+as small pure functions.
 
 Notation (docs/OBJECTIVES.md has the full story): p = learner (current) policy, q = sampler (behaviour, possibly
 many versions stale) policy, logp / sampler_logp their per-token log-probs of the sampled completion (B, T),
 mask (B, T) the completion tokens, L_i = tokens of row i, A_i = advantage of row i.
 
-Every loss is the PPO form per unit u (a token, or a row for sequence-level types):
+Every loss but TIS and CISPO is the PPO form per unit u (a token, or a row for sequence-level types):
     l_u = -min(w'_u A, clip(w_u, 1 - eps_low, 1 + eps_high) A),   w'_u = min(w_u, delta) if delta else w_u
-aggregated per loss type. `compute_loss` is written so that an optimizer step split into micro-batches gives, summed,
+(M2PO: the clip range comes from a second-moment budget each call), aggregated per loss type. TIS and CISPO put a
+detached, truncated weight on the policy-gradient term: -sg(min(w, C)) A p/sg(p) and -sg(min(w, C)) A log p. `compute_loss` is written so that an optimizer step split into micro-batches gives, summed,
 the loss of the whole step (pass step_rows / step_tokens / num_micro_batches); bnpo and ∆L normalise per
 micro-batch as TRL and the official GEPO code do, so for them the sum equals the full-batch loss only when the
 micro-batches have equal normalisers.
@@ -113,11 +115,74 @@ def importance_weights(
     return _exp_capped(mean_logp - log_denominator[idx].detach()), level
 
 
-def ppo_unit_loss(w: Tensor, adv: Tensor, cfg: LossConfig) -> Tensor:
-    """-min(w' A, clip(w, 1 - eps_low, 1 + eps_high) A), w' = min(w, delta) when delta is set. Broadcasts."""
-    clipped = torch.clamp(w, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
+def ppo_unit_loss(w: Tensor, adv: Tensor, cfg: LossConfig, low: float | None = None,
+                  high: float | None = None) -> Tensor:  # fmt: skip
+    """-min(w' A, clip(w, low, high) A), w' = min(w, delta) when delta is set. Broadcasts.
+
+    low / high default to 1 - eps_low / 1 + eps_high (M2PO passes its own)."""
+    low = 1 - cfg.epsilon_low if low is None else low
+    high = 1 + cfg.epsilon_high if high is None else high
+    clipped = torch.clamp(w, low, high)
     unclipped = torch.clamp(w, max=cfg.delta) if cfg.delta is not None else w
     return -torch.minimum(unclipped * adv, clipped * adv)
+
+
+def m2po_log_bound(log_ratio: Tensor, adv: Tensor, mask: Tensor, budget: float) -> float:
+    """M2PO's clip bound tau (the ratio is clipped to [e^-tau, e^tau]), as the reference code computes it.
+
+    Only the tokens the PPO clip acts on count ("harmful" in the reference: A > 0 with p > q, A < 0 with p < q).
+    With d the log-ratio, if mean(d^2) over them is within the budget there is no clip (tau = inf). Otherwise, with
+    v = the sorted d^2 and k the first index at which capping every v at v_k gives sum_i min(v_i, v_k) >= budget * n,
+    tau^2 = v_{k-1} (tau = 0 when k = 0): the largest breakpoint whose capped second moment is below the budget.
+    log_ratio: (B, T); adv: (B,); mask: (B, T). Not differentiated (the bound is a constant of the step).
+    """
+    with torch.no_grad():
+        d = log_ratio.detach()
+        # the reference's tolerances: |A| > 1e-12, ratio beyond 1 +- 1e-12
+        pos = (adv > 1e-12).unsqueeze(1) & (d.exp() > 1.0 + 1e-12)
+        neg = (adv < -1e-12).unsqueeze(1) & (d.exp() < 1.0 - 1e-12)
+        v = (d[mask & (pos | neg)].double() ** 2).sort().values
+        n = v.numel()
+        if n == 0 or float(v.mean()) <= budget + 1e-12:
+            return math.inf
+        capped = v.cumsum(0) + (v - 1e-12) * torch.arange(n - 1, -1, -1, dtype=v.dtype, device=v.device)
+        k = int((capped >= budget * n - 1e-12).nonzero()[0])
+        return 0.0 if k == 0 else math.sqrt(max(float(v[k - 1]) - 1e-12, 0.0))
+
+
+def token_unit_loss(logp: Tensor, q: Tensor, w: Tensor, adv: Tensor, mask: Tensor, cfg: LossConfig):
+    """Per-token policy loss (B, T) of a token-level type, and booleans (B, T) of the tokens whose weight was clipped
+    or truncated below / above, and masked (IcePop). logp carries the gradient; q: sampler log-probs;
+    w = exp(logp - q) (B, T); adv (B,).
+
+      grpo, bnpo, dr_grpo, dapo, delta_l:  -min(w' A, clip(w, 1 - eps_low, 1 + eps_high) A)
+      m2po:   the same with clip(w, e^-tau, e^tau), tau = m2po_log_bound(...) of this call (no clip within budget)
+      tis:    -sg(min(w, tis_cap)) A p/sg(p)        (value -min(w, C) A; gradient -min(w, C) A grad log p)
+      cispo:  -sg(min(w, cispo_max_weight)) A log p (TRL's loss_type="cispo")
+    IcePop (cfg.icepop): tokens with w outside [icepop_low, icepop_high] get loss 0 and no gradient.
+    """
+    a = adv.unsqueeze(1)
+    wd = w.detach()
+    no = torch.zeros_like(mask)
+    if cfg.loss_type in ("tis", "cispo"):
+        cap = cfg.tis_cap if cfg.loss_type == "tis" else cfg.cispo_max_weight
+        weight = torch.clamp(wd, max=cap)
+        pg = torch.exp(logp - logp.detach()) if cfg.loss_type == "tis" else logp
+        per_token = -weight * a * pg
+        low, high = no, wd > cap
+    else:
+        if cfg.loss_type == "m2po":
+            tau = m2po_log_bound(logp.detach() - q, adv, mask, cfg.m2po_budget)
+            lo, hi = math.exp(-tau), math.exp(tau) if math.isfinite(tau) else math.inf
+        else:
+            lo, hi = 1 - cfg.epsilon_low, 1 + cfg.epsilon_high
+        per_token = ppo_unit_loss(w, a, cfg, lo, hi)
+        low, high = (wd < lo) & (a < 0), (wd > hi) & (a > 0)
+    masked = no
+    if cfg.icepop:
+        masked = (wd < cfg.icepop_low) | (wd > cfg.icepop_high)
+        per_token = torch.where(masked, torch.zeros((), dtype=per_token.dtype, device=per_token.device), per_token)
+    return per_token, low & mask, high & mask, masked & mask
 
 
 # -------------------------------------------------------------------------------------------------- validation
@@ -202,8 +267,11 @@ def compute_loss(
 
     Returns (loss, metrics): scalar loss in logp's float dtype (at least float32), and floats
     loss, iw_mean, iw_var, iw_max (over the weight's units: tokens, or rows for gspo/gepo), clip_frac_low,
-    clip_frac_high (TRL's: w < 1 - eps_low with A < 0; w > 1 + eps_high with A > 0), kl_ref, kl_sampler (k3,
-    token means; computed even when their coefficient is 0), adv_mean, adv_std, adv_abs_max, num_tokens.
+    clip_frac_high (TRL's: w < 1 - eps_low with A < 0; w > 1 + eps_high with A > 0; M2PO with its own bounds;
+    TIS/CISPO: high = share of tokens whose weight was truncated, low = 0), mask_frac (IcePop: share of tokens
+    masked), log_ratio_m2 (token mean of (log p - log q)^2, M2PO's second moment over all tokens), kl_ref,
+    kl_sampler (k3, token means; computed even when their coefficient is 0), adv_mean, adv_std, adv_abs_max,
+    num_tokens.
     Raises ValueError on malformed input, naming the row, rather than returning a NaN loss.
     """
     _validate(logp, sampler_logp, mask, advantages, group_ids, ref_logp, cfg)
@@ -236,7 +304,7 @@ def compute_loss(
     kl_ref = k3(torch.where(mask, ref_logp.detach().to(dtype), zero) - logp) if ref_logp is not None else None
 
     if level == "token":
-        per_token = ppo_unit_loss(w, adv.unsqueeze(1), cfg)
+        per_token, clipped_low, clipped_high, masked = token_unit_loss(logp, q, w, adv, mask, cfg)
         if cfg.beta > 0:
             per_token = per_token + cfg.beta * kl_ref
         if agg == "grpo":
@@ -252,13 +320,18 @@ def compute_loss(
             loss = (_row_sum(per_token, mask) * x).sum() / M / num_micro_batches
         else:  # pragma: no cover - LossConfig validates
             raise AssertionError(agg)
-        w_units, adv_units = w[mask], adv.unsqueeze(1).expand_as(w)[mask]
+        w_units = w[mask]
+        clipped_low, clipped_high, masked = clipped_low[mask], clipped_high[mask], masked[mask]
     else:
         per_row = ppo_unit_loss(w, adv, cfg)
         if cfg.beta > 0:
             per_row = per_row + cfg.beta * _row_mean(kl_ref, mask)
         loss = per_row.sum() / step_rows
-        w_units, adv_units = w, adv
+        w_units = w
+        wd = w.detach()
+        clipped_low = (wd < 1 - cfg.epsilon_low) & (adv < 0)
+        clipped_high = (wd > 1 + cfg.epsilon_high) & (adv > 0)
+        masked = torch.zeros_like(clipped_low)
 
     kl_sampler = k3(q - logp)  # exp(q - p) - (q - p) - 1 per token
     if cfg.sampler_kl_coef > 0:
@@ -272,8 +345,10 @@ def compute_loss(
                 wd.mean(),
                 wd.var(unbiased=False),
                 wd.max(),
-                ((wd < 1 - cfg.epsilon_low) & (adv_units < 0)).to(dtype).mean(),
-                ((wd > 1 + cfg.epsilon_high) & (adv_units > 0)).to(dtype).mean(),
+                clipped_low.to(dtype).mean(),
+                clipped_high.to(dtype).mean(),
+                masked.to(dtype).mean(),
+                _row_sum((logp.detach() - q) ** 2, mask).sum() / n_tokens,
                 _row_sum(kl_ref, mask).sum() / n_tokens if kl_ref is not None else zero,
                 _row_sum(kl_sampler, mask).sum() / n_tokens,
                 adv.mean(),
@@ -281,8 +356,8 @@ def compute_loss(
                 adv.abs().max(),
             ]
         ).tolist()
-    names = ("loss", "iw_mean", "iw_var", "iw_max", "clip_frac_low", "clip_frac_high", "kl_ref", "kl_sampler",
-             "adv_mean", "adv_std", "adv_abs_max")  # fmt: skip
+    names = ("loss", "iw_mean", "iw_var", "iw_max", "clip_frac_low", "clip_frac_high", "mask_frac", "log_ratio_m2",
+             "kl_ref", "kl_sampler", "adv_mean", "adv_std", "adv_abs_max")  # fmt: skip
     metrics = dict(zip(names, stats))
     metrics["num_tokens"] = float(n_tokens)
     if not math.isfinite(metrics["loss"]):

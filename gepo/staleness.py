@@ -348,7 +348,9 @@ def run_staleness(
         model, tokenizer = load_tiny_policy(cfg.policy_path)
     own_scorer = scorer is None
     if own_scorer:
-        scorer = RewardScorer(RewardConfig(num_workers=cfg.reward_workers))
+        # a generous start-up limit: sweeps run niced on loaded machines, where importing math-verify in a fresh
+        # process can take over a minute (the default 60 s then fails the whole cell)
+        scorer = RewardScorer(RewardConfig(num_workers=cfg.reward_workers, startup_timeout_s=600.0))
 
     # prompts: the train stream is drawn by the run's seed; the eval set is fixed (the same for every run)
     train_set = load_prompts(DataConfig(source="synthetic", split="train", difficulty=cfg.difficulty, size=cfg.train_size))
@@ -507,6 +509,7 @@ def summarize(result: dict, *, drawn: np.ndarray | None = None, history_peak: in
         "clip_frac_mean": float(np.mean([s.get("clip_frac_low", 0) + s.get("clip_frac_high", 0) for s in steps]))
         if steps
         else 0.0,
+        "mask_frac_mean": float(np.mean([s.get("mask_frac", 0.0) for s in steps])) if steps else 0.0,
         "nonfinite_steps": len(nonfinite),
         "collapsed": collapsed,
         "collapse_step": collapse_step,

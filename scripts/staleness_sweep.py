@@ -28,13 +28,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_LOSSES = ("grpo", "bnpo", "dr_grpo", "gspo", "gepo", "delta_l")
-DEFAULT_LATENCIES = (0, 8, 16, 32, 64)
+DEFAULT_LOSSES = ("grpo", "bnpo", "dr_grpo", "gspo", "gepo", "delta_l", "tis", "cispo", "m2po")
+DEFAULT_LATENCIES = (0, 8, 16, 32, 64, 128, 256)
 LOSS_LABELS = {"grpo": "GRPO", "bnpo": "BNPO", "dr_grpo": "Dr.GRPO", "dapo": "DAPO", "gspo": "GSPO", "gepo": "GEPO",
-               "delta_l": "∆L"}  # fmt: skip
+               "delta_l": "∆L", "tis": "TIS", "cispo": "CISPO", "m2po": "M2PO"}  # fmt: skip
+# Steps per unit of maximum latency: a run lasts max(--steps, this x latency) steps, so that the truncation of the
+# first steps' lags (no group predates version 0) costs about the same share of the mean lag at every latency
+# (~10 %: 150 steps at 64, as the first sweep; 300 at 128; 600 at 256).
+DEFAULT_STEPS_PER_LATENCY = 150 / 64
 # The paper's latency table (Qwen3-8B, eval accuracy vs maximum latency 0/8/16/32/64), for reference in the docs.
 PAPER_AVG_LAG = {0: 0.0, 8: 3.0, 16: 6.3, 32: 13.2, 64: 26.5}
 BEGIN, END = "<!-- BEGIN GENERATED (scripts/staleness_sweep.py) -->", "<!-- END GENERATED -->"
+NOT_IN_GRID = "·"
+
+
+def section_markers(section: str) -> tuple[str, str]:
+    """The markers of a generated block; "" is the page's first block (the markers above)."""
+    if not section:
+        return BEGIN, END
+    return f"<!-- BEGIN GENERATED (scripts/staleness_sweep.py: {section}) -->", f"<!-- END GENERATED ({section}) -->"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -51,9 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--losses", nargs="+", default=list(DEFAULT_LOSSES), help="loss types (gepo.config.LOSS_TYPES)")
     g.add_argument("--latencies", nargs="+", type=int, default=list(DEFAULT_LATENCIES),
                    help="maximum latencies (max_lag, in policy versions = optimizer steps)")  # fmt: skip
+    g.add_argument("--grid", action="append", default=[], metavar="LOSSES:LATENCIES",
+                   help="instead of --losses x --latencies: the union of these products, each as comma lists, e.g. "
+                        "--grid tis,m2po:0,64,256 --grid grpo,gepo:128,256 (cells outside it show as ·)")  # fmt: skip
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="run seeds (prompts, lags, sampling)")
     g = p.add_argument_group("each run (gepo.staleness.StalenessConfig)")
-    g.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
+    g.add_argument("--steps", type=int, default=150, help="optimizer steps per run (at least; see next)")
+    g.add_argument("--steps-per-latency", type=float, default=DEFAULT_STEPS_PER_LATENCY,
+                   help="a run at maximum latency M lasts max(--steps, ceil(this x M)) steps, so that lags truncated "
+                        "at the start of a run (none can predate version 0) cost a similar share at every M")  # fmt: skip
     g.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     g.add_argument("--groups-per-step", type=int, default=8, help="prompts (groups) per optimizer step")
     g.add_argument("--group-size", type=int, default=8, help="G, completions per prompt")
@@ -77,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--results-dir", type=Path, default=REPO / "runs" / "staleness", help="one JSON per finished cell")
     g.add_argument("--docs", type=Path, default=REPO / "docs" / "STALENESS.md", help="markdown report to update")
     g.add_argument("--plot", type=Path, default=REPO / "docs" / "staleness.png", help="PNG plot to write")
+    g.add_argument("--section", default="",
+                   help="name of the generated block of --docs to write (its own BEGIN/END markers, so several "
+                        "sweeps share one page); default: the page's first block")  # fmt: skip
     g.add_argument("--no-resume", action="store_true", help="re-run cells even when their result file exists")
     g.add_argument("--report-only", action="store_true", help="run nothing; rebuild the report from the results")
     g.add_argument("--no-report", action="store_true", help="do not write the markdown report and the plot")
@@ -91,7 +112,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.shard_index, args.shard_count = i, n
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    if args.steps_per_latency < 0:
+        p.error("--steps-per-latency must be >= 0")
+    if args.grid:
+        pairs: list[tuple[str, int]] = []
+        for item in args.grid:
+            losses, sep, lats = item.partition(":")
+            try:
+                assert sep and losses and lats
+                block = [(loss, int(lat)) for loss in losses.split(",") for lat in lats.split(",")]
+            except (AssertionError, ValueError):
+                p.error(f"--grid must look like grpo,gepo:0,64,256; got {item!r}")
+            pairs += [x for x in block if x not in pairs]
+        args.losses = list(dict.fromkeys(loss for loss, _ in pairs))
+        args.latencies = sorted({lat for _, lat in pairs})
+        args.pairs = set(pairs)
+    else:
+        args.pairs = {(loss, lat) for loss in args.losses for lat in args.latencies}
     return args
+
+
+def steps_for(args: argparse.Namespace, latency: int) -> int:
+    """Optimizer steps of a run at this maximum latency (see --steps-per-latency)."""
+    return max(args.steps, math.ceil(args.steps_per_latency * latency - 1e-9))
 
 
 def loss_overrides(args: argparse.Namespace) -> dict:
@@ -151,6 +194,8 @@ def make_cells(args: argparse.Namespace) -> list[Cell]:
     for seed in args.seeds:
         for latency in args.latencies:
             for loss in args.losses:
+                if (loss, latency) not in args.pairs:
+                    continue
                 lower = None
                 if args.delay_lower_fraction is not None and args.delay_kind != "fixed":
                     lower = latency * args.delay_lower_fraction
@@ -160,7 +205,7 @@ def make_cells(args: argparse.Namespace) -> list[Cell]:
                     max_lag=latency,
                     delay_kind=args.delay_kind,
                     delay_lower=lower if latency else None,
-                    steps=args.steps,
+                    steps=steps_for(args, latency),
                     groups_per_step=args.groups_per_step,
                     group_size=args.group_size,
                     groups_per_batch=args.groups_per_batch,
@@ -285,10 +330,18 @@ def _fmt_g(values: list[float]) -> str:
 def build_report(args: argparse.Namespace, cells: list[Cell], results: dict, command: str) -> str:
     losses, latencies, seeds = args.losses, args.latencies, args.seeds
 
+    begin, end = section_markers(args.section)
+
     def cell_values(loss: str, latency: int, key: str) -> list[float]:
         return [results[(loss, latency, s)]["summary"][key] for s in seeds if (loss, latency, s) in results]
 
-    lines = [BEGIN, ""]
+    def fmt_cell(loss: str, latency: int, key: str) -> str:
+        return _fmt_ms(cell_values(loss, latency, key)) if (loss, latency) in args.pairs else NOT_IN_GRID
+
+    def pooled_lag_mean(latency: int) -> list[float]:
+        return [v for loss in losses for v in cell_values(loss, latency, "lag_mean")]
+
+    lines = [begin, ""]
     n_done, n_all = len(results), len(cells)
     cfg0 = cells[0].config
     walls = [r["summary"].get("wall_s", 0.0) for r in results.values()]
@@ -300,7 +353,7 @@ def build_report(args: argparse.Namespace, cells: list[Cell], results: dict, com
         "",
         f"    {command}",
         "",
-        f"Per run: {cfg0['steps']} optimizer steps × {cfg0['groups_per_step']} prompts × G = {cfg0['group_size']} "
+        f"Per run: {_steps_text(args, latencies)} × {cfg0['groups_per_step']} prompts × G = {cfg0['group_size']} "
         f"completions (one lag per sampler batch of {cfg0['groups_per_batch']} prompts), lr {cfg0['lr']:g} (AdamW), temperature {cfg0['temperature']:g}, max {cfg0['max_new_tokens']} "
         f"new tokens, synthetic difficulty {cfg0['difficulty']}, delay model `{cfg0['delay_kind']}`, held-out greedy "
         f"accuracy on {cfg0['eval_size']} test problems every {cfg0['eval_every']} steps; seeds {', '.join(map(str, seeds))}. "
@@ -310,8 +363,7 @@ def build_report(args: argparse.Namespace, cells: list[Cell], results: dict, com
     header = "| method | " + " | ".join(f"{L}" for L in latencies) + " |"
     sep = "|---|" + "---|" * len(latencies)
     lag_row = "| *mean realised lag* | " + " | ".join(
-        f"*{_mean_sd(cell_values(losses[0], L, 'lag_mean'))[0]:.1f}*" if cell_values(losses[0], L, "lag_mean") else "–"
-        for L in latencies
+        f"*{_mean_sd(pooled_lag_mean(L))[0]:.1f}*" if pooled_lag_mean(L) else "–" for L in latencies
     ) + " |"
     paper_row = "| *paper's avg lag* | " + " | ".join(
         f"*{PAPER_AVG_LAG[L]}*" if L in PAPER_AVG_LAG else "–" for L in latencies
@@ -320,7 +372,7 @@ def build_report(args: argparse.Namespace, cells: list[Cell], results: dict, com
         lines += [f"### {title} vs maximum latency (mean ± sd over seeds)", "", header, sep]
         for loss in losses:
             lines.append(f"| {LOSS_LABELS.get(loss, loss)} | "
-                         + " | ".join(_fmt_ms(cell_values(loss, L, key)) for L in latencies) + " |")  # fmt: skip
+                         + " | ".join(fmt_cell(loss, L, key) for L in latencies) + " |")  # fmt: skip
         lines += [lag_row, paper_row, ""]
     start = [r["summary"]["initial_accuracy"] for r in results.values()]
     if start:
@@ -331,25 +383,29 @@ def build_report(args: argparse.Namespace, cells: list[Cell], results: dict, com
         "",
         "best/last/gap: held-out accuracy (mean ± sd over seeds); lag: mean realised lag (max); iw var: variance of the "
         "importance weight over its units (tokens, or rows for GSPO/GEPO), mean over steps; gn p95: 95th percentile of "
-        "the pre-clip gradient norm over steps; clip: fraction of units clipped; collapsed: runs whose last accuracy is "
+        "the pre-clip gradient norm over steps; clip: fraction of units clipped (TIS/CISPO: weights truncated); mask: "
+        "fraction of tokens masked (IcePop), mean over steps; collapsed: runs whose last accuracy is "
         "below half the starting accuracy or that had a non-finite step; dipped: runs with any evaluation below half "
         "the starting accuracy (most recovered).",
         "",
-        "| method | max lat. | best | last | best−last gap | lag mean (max) | iw var | gn p95 | clip | collapsed | dipped |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | max lat. | best | last | best−last gap | lag mean (max) | iw var | gn p95 | clip | mask | collapsed | dipped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for loss in losses:
         for L in latencies:
+            if (loss, L) not in args.pairs:
+                continue
             rs = [results[(loss, L, s)]["summary"] for s in seeds if (loss, L, s) in results]
             if not rs:
-                lines.append(f"| {LOSS_LABELS.get(loss, loss)} | {L} | – | – | – | – | – | – | – | – | – |")
+                lines.append(f"| {LOSS_LABELS.get(loss, loss)} | {L} | – | – | – | – | – | – | – | – | – | – |")
                 continue
             lines.append(
                 f"| {LOSS_LABELS.get(loss, loss)} | {L} | {_fmt_ms([r['best_accuracy'] for r in rs])} | "
                 f"{_fmt_ms([r['last_accuracy'] for r in rs])} | {_fmt_ms([r['best_last_gap'] for r in rs])} | "
                 f"{_mean_sd([r['lag_mean'] for r in rs])[0]:.1f} ({max(r['lag_max'] for r in rs)}) | "
                 f"{_fmt_g([r['iw_var_mean'] for r in rs])} | {_fmt_g([r['grad_norm_p95'] for r in rs])} | "
-                f"{_fmt_g([r['clip_frac_mean'] for r in rs])} | {sum(r['collapsed'] for r in rs)}/{len(rs)} | "
+                f"{_fmt_g([r['clip_frac_mean'] for r in rs])} | {_fmt_g([r.get('mask_frac_mean', 0.0) for r in rs])} | "
+                f"{sum(r['collapsed'] for r in rs)}/{len(rs)} | "
                 f"{sum(r['dipped'] for r in rs)}/{len(rs)} |"
             )
     lines += [""]
@@ -361,7 +417,7 @@ def build_report(args: argparse.Namespace, cells: list[Cell], results: dict, com
                   "| method | best @0 | best, stale mean | last @0 | last, stale mean | gap, stale mean | collapsed | dipped |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for loss in losses:
-            b0, l0 = cell_values(loss, 0, "best_accuracy") if 0 in latencies else [], cell_values(loss, 0, "last_accuracy") if 0 in latencies else []
+            b0, l0 = cell_values(loss, 0, "best_accuracy"), cell_values(loss, 0, "last_accuracy")
             bs = [v for L in stale for v in cell_values(loss, L, "best_accuracy")]
             ls = [v for L in stale for v in cell_values(loss, L, "last_accuracy")]
             gs = [v for L in stale for v in cell_values(loss, L, "best_last_gap")]
@@ -394,8 +450,17 @@ def build_report(args: argparse.Namespace, cells: list[Cell], results: dict, com
         rmax = max((i for i, c in enumerate(rh) if c), default=0)
         lines.append(f"| {L} | {dmean:.2f} | {rmean:.2f} | {PAPER_AVG_LAG.get(L, '–')} | {dmax} | {rmax} | "
                      f"{_hist_text(rh, L)} |")  # fmt: skip
-    lines += ["", "![staleness sweep](staleness.png)", "", END]
+    lines += ["", f"![staleness sweep]({args.plot.name})", "", end]
     return "\n".join(lines)
+
+
+def _steps_text(args: argparse.Namespace, latencies: list[int]) -> str:
+    by_latency = {L: steps_for(args, L) for L in latencies}
+    if len(set(by_latency.values())) == 1:
+        return f"{args.steps} optimizer steps"
+    longer = ", ".join(f"{n} at {L}" for L, n in by_latency.items() if n > args.steps)
+    return (f"{args.steps} optimizer steps (max({args.steps}, ⌈{args.steps_per_latency:g} × max latency⌉): "
+            f"{longer})")
 
 
 def _hist_text(hist: list[int], max_lag: int) -> str:
@@ -418,15 +483,19 @@ DOC_TEMPLATE = """# Staleness sweep: accuracy vs maximum latency
 """
 
 
-def write_docs(text: str, path: Path) -> None:
+def write_docs(text: str, path: Path, section: str = "") -> None:
+    """Replace the section's generated block of the page (the rest is kept); a missing block is appended."""
+    begin, end = section_markers(section)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         old = path.read_text()
-        if BEGIN in old and END in old:
-            head, rest = old.split(BEGIN, 1)
-            tail = rest.split(END, 1)[1]
+        if begin in old and end in old.split(begin, 1)[1]:
+            head, rest = old.split(begin, 1)
+            tail = rest.split(end, 1)[1]
             path.write_text(head + text + tail)
             return
+        path.write_text(old.rstrip("\n") + "\n\n" + text + "\n")
+        return
     path.write_text(DOC_TEMPLATE.format(generated=text))
 
 
@@ -446,6 +515,7 @@ def write_plot(args: argparse.Namespace, results: dict, path: Path) -> None:
             xs, ms, sds = [], [], []
             for L in latencies:
                 vals = [results[(loss, L, s)]["summary"][key] for s in seeds if (loss, L, s) in results]
+                vals = vals if (loss, L) in args.pairs else []
                 if vals:
                     m, sd = _mean_sd(vals)
                     xs.append(L), ms.append(m), sds.append(sd)
@@ -534,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         keep.append(a)
     text = build_report(args, cells, results, reproducible_command(keep))
-    write_docs(text, args.docs)
+    write_docs(text, args.docs, args.section)
     write_plot(args, results, args.plot)
     print(f"wrote {args.docs} and {args.plot} from {len(results)}/{len(cells)} cells", flush=True)
     return 0

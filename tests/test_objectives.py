@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from gepo.config import LOSS_TYPES, LossConfig
-from gepo.objectives import compute_loss, delta_l_weights, importance_weights
+from gepo.config import LOSS_TYPES, TRUNCATED_IS_TYPES, LossConfig
+from gepo.objectives import compute_loss, delta_l_weights, importance_weights, m2po_log_bound
 
 # ------------------------------------------------------------------------------------- loop reference (no torch)
 
@@ -34,10 +35,44 @@ def _ref_weights(lp, q, mask, gids, cfg):
     return [[math.exp(lp[i][t] - q[i][t]) for t in toks[i]] for i in rows]
 
 
-def _ref_unit(w, a, cfg):
+def _ref_unit(w, a, cfg, low=None, high=None):
+    low = 1 - cfg.epsilon_low if low is None else low
+    high = 1 + cfg.epsilon_high if high is None else high
     w1 = min(w, cfg.delta) if cfg.delta is not None else w
-    w2 = min(max(w, 1 - cfg.epsilon_low), 1 + cfg.epsilon_high)
+    w2 = min(max(w, low), high)
     return -min(w1 * a, w2 * a)
+
+
+def _ref_m2po_bounds(lp, q, toks, adv, budget):
+    """M2PO's clip bounds (e^-tau, e^tau) by the reference code's loop (Infini-AI-Lab/M2PO core_algos.py)."""
+    v = []
+    for i, ts in enumerate(toks):
+        for t in ts:
+            r = math.exp(lp[i][t] - q[i][t])
+            if (adv[i] > 1e-12 and r > 1 + 1e-12) or (adv[i] < -1e-12 and r < 1 - 1e-12):
+                v.append((q[i][t] - lp[i][t]) ** 2)
+    n = len(v)
+    if n == 0 or sum(v) / n <= budget + 1e-12:
+        return 0.0, math.inf
+    v.sort()
+    target, csum = budget * n, 0.0
+    for k in range(n):
+        csum += v[k]
+        if (v[k] - 1e-12) * (n - k - 1) + csum >= target - 1e-12:
+            tau = 0.0 if k == 0 else math.sqrt(v[k - 1] - 1e-12)
+            return math.exp(-tau), math.exp(tau)
+    raise AssertionError("unreachable: capping at the largest value gives the whole sum")
+
+
+def _ref_token_unit(lp_t, w, a, cfg, bounds):
+    """One token's loss for the token-level types (IcePop mask included)."""
+    if cfg.icepop and not cfg.icepop_low <= w <= cfg.icepop_high:
+        return 0.0
+    if cfg.loss_type == "tis":
+        return -min(w, cfg.tis_cap) * a  # times p / sg(p) = 1 in value
+    if cfg.loss_type == "cispo":
+        return -min(w, cfg.cispo_max_weight) * a * lp_t
+    return _ref_unit(w, a, cfg, *bounds)
 
 
 def _ref_loss(lp, q, mask, adv, gids, cfg, ref=None, step_rows=None, step_tokens=None, nmb=1):
@@ -64,15 +99,17 @@ def _ref_loss(lp, q, mask, adv, gids, cfg, ref=None, step_rows=None, step_tokens
             total += row
         loss = total / step_rows
     else:
+        bounds = _ref_m2po_bounds(lp, q, toks, adv, cfg.m2po_budget) if cfg.loss_type == "m2po" else (None, None)
         row_sums = []
         for i in range(B):
             s = 0.0
             for k, t in enumerate(toks[i]):
-                s += _ref_unit(w[i][k], adv[i], cfg)
+                s += _ref_token_unit(lp[i][t], w[i][k], adv[i], cfg, bounds)
                 if cfg.beta:
                     s += cfg.beta * k3(ref[i][t] - lp[i][t])
             row_sums.append(s)
         agg = "delta_l" if cfg.loss_type == "delta_l" or cfg.aggregation == "delta_l" else cfg.loss_type
+        agg = "dapo" if agg in ("tis", "cispo", "m2po") else agg
         if agg == "grpo":
             loss = sum(s / len(t) for s, t in zip(row_sums, toks)) / step_rows
         elif agg == "bnpo":
@@ -111,8 +148,20 @@ CONFIGS = [
     for t in LOSS_TYPES
     for kw in (
         {},
-        {"epsilon_low": 0.1, "epsilon_high": 0.28, "delta": 1.5, "beta": 0.04, "sampler_kl_coef": 0.005},
+        {"epsilon_low": 0.1, "epsilon_high": 0.28, "beta": 0.04, "sampler_kl_coef": 0.005,
+         **({} if t in TRUNCATED_IS_TYPES else {"delta": 1.5})},  # fmt: skip
     )
+] + [
+    LossConfig(loss_type="tis", tis_cap=1.1),
+    LossConfig(loss_type="cispo", cispo_max_weight=1.1),
+    LossConfig(loss_type="m2po", m2po_budget=0.5),  # within budget: no clip
+    LossConfig(loss_type="m2po", m2po_budget=0.01),
+    LossConfig(loss_type="grpo", icepop=True, icepop_low=0.8, icepop_high=1.25),
+    LossConfig(loss_type="dapo", icepop=True),
+    LossConfig(loss_type="tis", icepop=True, icepop_low=0.8, icepop_high=1.25, tis_cap=1.1),
+    LossConfig(loss_type="cispo", icepop=True, icepop_low=0.8, icepop_high=1.25),
+    LossConfig(loss_type="m2po", icepop=True, icepop_low=0.8, icepop_high=1.25),
+    LossConfig(loss_type="delta_l", icepop=True, icepop_low=0.8, icepop_high=1.25, max_completion_length=9),
 ] + [
     LossConfig(loss_type="gepo", gepo_grouping="micro_batch", gepo_micro_batch_rows=3),
     LossConfig(loss_type="grpo", aggregation="delta_l", delta_l_alpha=0.75, max_completion_length=10),
@@ -121,7 +170,9 @@ CONFIGS = [
 
 
 def _id(cfg):
-    return f"{cfg.loss_type}-{cfg.aggregation}-{cfg.gepo_grouping}-d{cfg.delta}-b{cfg.beta}"
+    extra = {"tis": f"-C{cfg.tis_cap}", "cispo": f"-C{cfg.cispo_max_weight}", "m2po": f"-M{cfg.m2po_budget}"}
+    return (f"{cfg.loss_type}-{cfg.aggregation}-{cfg.gepo_grouping}-d{cfg.delta}-b{cfg.beta}"
+            f"{extra.get(cfg.loss_type, '')}{'-icepop' if cfg.icepop else ''}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------- values
@@ -179,16 +230,183 @@ def test_grpo_by_hand():
     assert compute_loss(logp, q, mask, adv, None, capped)[0].item() == pytest.approx((-0.85 + 1.5) / 2)
 
 
+def _hand_batch():
+    # Row 0: tokens with ratio (1.5, 0.5), A = +1; row 1: one token with ratio 2, A = -1 (as test_grpo_by_hand).
+    q = torch.log(torch.tensor([[0.2, 0.4], [0.1, 0.3]], dtype=torch.float64))
+    logp = torch.log(torch.tensor([[0.3, 0.2], [0.2, 0.9]], dtype=torch.float64))
+    mask = torch.tensor([[True, True], [True, False]])
+    return logp, q, mask, torch.tensor([1.0, -1.0], dtype=torch.float64)
+
+
+def test_tis_cispo_by_hand():
+    logp, q, mask, adv = _hand_batch()
+    # TIS, cap 2: units -min(w, 2) A = -1.5, -0.5, +2; token mean over N = 3 tokens: 0. Cap 1.2: -1.2, -0.5, +1.2.
+    loss, m = compute_loss(logp, q, mask, adv, None, LossConfig(loss_type="tis"))
+    assert loss.item() == pytest.approx(0.0, abs=1e-15) and m["clip_frac_high"] == 0.0
+    loss, m = compute_loss(logp, q, mask, adv, None, LossConfig(loss_type="tis", tis_cap=1.2))
+    assert loss.item() == pytest.approx(-0.5 / 3) and m["clip_frac_high"] == pytest.approx(2 / 3)
+    # CISPO, cap 5: -(1.5 ln 0.3 + 0.5 ln 0.2 - 2 ln 0.2) / 3 = 0.5 ln(2/3); gradient -min(w, 5) A / 3 per token.
+    leaf = logp.clone().requires_grad_()
+    loss, m = compute_loss(leaf, q, mask, adv, None, LossConfig(loss_type="cispo"))
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5 * math.log(2 / 3)) and m["clip_frac_high"] == 0.0
+    torch.testing.assert_close(leaf.grad, torch.tensor([[-0.5, -1 / 6], [2 / 3, 0.0]], dtype=torch.float64))
+
+
+def test_m2po_by_hand():
+    logp, q, mask, adv = _hand_batch()
+    # The PPO clip acts only on token (0, 0): A > 0 and ratio 1.5 > 1; its d^2 = ln(1.5)^2 = 0.164 > 0.04, so the
+    # bound is tau = 0 (k = 0): clip to [1, 1]. Units: -min(1.5, 1) = -1, -min(0.5, 1) = -0.5, -min(-2, -1) = 2.
+    loss, m = compute_loss(logp, q, mask, adv, None, LossConfig(loss_type="m2po"))
+    assert loss.item() == pytest.approx(0.5 / 3)
+    assert m["clip_frac_high"] == pytest.approx(1 / 3) and m["clip_frac_low"] == 0.0
+    # A budget above 0.164: no clip at all, the plain policy gradient -w A: (-1.5 - 0.5 + 2) / 3 = 0.
+    loss, m = compute_loss(logp, q, mask, adv, None, LossConfig(loss_type="m2po", m2po_budget=0.2))
+    assert loss.item() == pytest.approx(0.0, abs=1e-15) and m["clip_frac_high"] == 0.0
+
+
+def test_m2po_bound_by_hand():
+    # Three clip-side tokens with d = 0.1, 0.3, 0.5 (A > 0, ratio > 1): v = 0.01, 0.09, 0.25, mean 0.1167.
+    d = torch.tensor([[0.1, 0.3, 0.5]], dtype=torch.float64)
+    mask, adv = torch.ones(1, 3, dtype=torch.bool), torch.ones(1, dtype=torch.float64)
+    # budget 0.04, target 0.12: capping at v_0 sums 0.03, at v_1 0.19 >= 0.12, so k = 1 and tau^2 = v_0.
+    assert m2po_log_bound(d, adv, mask, 0.04) == pytest.approx(0.1)
+    # budget 0.07, target 0.21: capping at v_1 sums 0.19 < 0.21, at v_2 0.35, so tau^2 = v_1.
+    assert m2po_log_bound(d, adv, mask, 0.07) == pytest.approx(0.3)
+    assert m2po_log_bound(d, adv, mask, 0.12) == math.inf  # within budget
+    assert m2po_log_bound(-d, adv, mask, 0.04) == math.inf  # A > 0 with ratio < 1: not on the clip side
+    assert m2po_log_bound(-d, -adv, mask, 0.04) == pytest.approx(0.1)
+    # the capped second moment at the bound is within the budget
+    tau = m2po_log_bound(d, adv, mask, 0.04)
+    assert (torch.clamp(d**2, max=tau**2).mean() <= 0.04).item()
+
+
+def test_icepop_by_hand():
+    logp, q, mask, adv = _hand_batch()
+    # beta = 1.8 masks the ratio-2 token (row 1): GRPO = (-0.85 + 0) / 2; a ratio on the bound (0.5) is kept.
+    cfg = LossConfig(loss_type="grpo", icepop=True, icepop_high=1.8)
+    leaf = logp.clone().requires_grad_()
+    loss, m = compute_loss(leaf, q, mask, adv, None, cfg)
+    loss.backward()
+    assert loss.item() == pytest.approx(-0.425) and m["mask_frac"] == pytest.approx(1 / 3)
+    assert leaf.grad[1, 0] == 0.0 and leaf.grad[0, 1] != 0.0
+    # IcePop's own form, -M(sg(w)) A grad log p with M(k) = k inside [alpha, beta], is TIS with a cap >= beta.
+    tis = compute_loss(logp, q, mask, adv, None, LossConfig(loss_type="tis", tis_cap=5.0, icepop=True, icepop_high=1.8))
+    assert tis[0].item() == pytest.approx((-1.5 - 0.5) / 3)
+
+
+ON_POLICY_TYPES = ["tis", "cispo", "m2po"]
+
+
+@pytest.mark.parametrize("loss_type", ON_POLICY_TYPES)
+@pytest.mark.parametrize("icepop", [False, True])
+def test_on_policy_limit_is_the_token_mean_policy_gradient(loss_type, icepop):
+    # p = q: every weight is 1, nothing is truncated, clipped or masked; TIS and M2PO are then exactly DAPO (token
+    # mean of -A, gradient -A grad log p / N), CISPO has DAPO's gradient (its value is -A log p / N instead).
+    _, logp, mask, adv, gids, _ = _batch(B=8, T=6)  # the sampler's log-probs, as the learner's too
+    q = logp.clone()
+    base_leaf = logp.clone().requires_grad_()
+    base, bm = compute_loss(base_leaf, q, mask, adv, gids, LossConfig(loss_type="dapo"))
+    base.backward()
+    leaf = logp.clone().requires_grad_()
+    loss, m = compute_loss(leaf, q, mask, adv, gids, LossConfig(loss_type=loss_type, icepop=icepop))
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, base_leaf.grad)
+    if loss_type == "cispo":
+        expected = -(adv.unsqueeze(1) * logp)[mask].sum() / mask.sum()
+        torch.testing.assert_close(loss, expected)
+    else:
+        torch.testing.assert_close(loss, base)
+    assert m["clip_frac_low"] == m["clip_frac_high"] == m["mask_frac"] == 0.0 and m["iw_var"] == 0.0
+    assert m2po_log_bound(logp - q, adv, mask, 0.04) == math.inf
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "delta_l", "tis", "cispo", "m2po"])
+def test_icepop_on_policy_changes_nothing(loss_type):
+    _, logp, mask, adv, gids, _ = _batch(B=8, T=6)
+    outs = []
+    for icepop in (False, True):
+        leaf = logp.clone().requires_grad_()
+        loss, _ = compute_loss(leaf, logp.clone(), mask, adv, gids, LossConfig(loss_type=loss_type, icepop=icepop))
+        loss.backward()
+        outs.append((loss, leaf.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+
+
 # -------------------------------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=_id)
+def _gradient_is_the_derivative_of_the_value(cfg):
+    # TIS / CISPO detach their weight, M2PO its clip bound (a constant of the step, as in the reference code): their
+    # gradients are checked against finite differences with those held fixed, below.
+    return cfg.loss_type not in TRUNCATED_IS_TYPES and not (cfg.loss_type == "m2po" and cfg.m2po_budget < 0.04)
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if _gradient_is_the_derivative_of_the_value(c)], ids=_id)
 def test_gradcheck(cfg):
     logp, q, mask, adv, gids, ref = _batch(B=6, T=4, G=3, seed=1, spread=0.15)
     logp.requires_grad_()
     assert torch.autograd.gradcheck(
         lambda x: compute_loss(x, q, mask, adv, gids, cfg, ref_logp=ref)[0], (logp,), eps=1e-7, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.loss_type == "cispo"], ids=_id)
+def test_cispo_gradient_is_finite_difference_with_the_weight_held_fixed(cfg):
+    # CISPO's weight is detached by design, so its gradient is not the derivative of its value in logp. It is the
+    # derivative with the weight held fixed: moving the sampler's log-probs with the learner's keeps every ratio
+    # (hence every weight and IcePop mask) constant while log p moves. The sampler-KL term is checked by the other
+    # types' gradchecks; here it would move with q, so it is left out.
+    cfg = dataclasses.replace(cfg, sampler_kl_coef=0.0)
+    logp, q, mask, adv, gids, ref = _batch(B=6, T=4, G=3, seed=1, spread=0.3)
+    x0 = logp.clone()
+    logp.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: compute_loss(x, q + (x - x0), mask, adv, gids, cfg, ref_logp=ref)[0], (logp,), eps=1e-7, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("icepop", [False, True])
+def test_m2po_gradient_is_the_ppo_gradient_at_its_bound(icepop):
+    # M2PO = the PPO clip with [e^-tau, e^tau], tau fixed for the step: same loss and gradient as a token-mean PPO
+    # loss (dapo, gradchecked above) with eps_low = 1 - e^-tau, eps_high = e^tau - 1.
+    logp, q, mask, adv, gids, _ = _batch(B=8, T=6, seed=4, spread=0.5)
+    kw = {"icepop": icepop, "icepop_low": 0.6, "icepop_high": 1.6}
+    tau = m2po_log_bound(logp - q, adv, mask, 0.04)
+    assert 0 < tau < 0.5  # the budget binds for this batch
+    out = []
+    for cfg in (LossConfig(loss_type="m2po", **kw),
+                LossConfig(loss_type="dapo", epsilon_low=1 - math.exp(-tau), epsilon_high=math.exp(tau) - 1, **kw)):
+        leaf = logp.clone().requires_grad_()
+        loss, m = compute_loss(leaf, q, mask, adv, gids, cfg)
+        loss.backward()
+        out.append((loss, leaf.grad, m))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    torch.testing.assert_close(out[0][1], out[1][1])
+    for key in ("clip_frac_low", "clip_frac_high", "mask_frac"):
+        assert out[0][2][key] == pytest.approx(out[1][2][key])
+    assert out[0][2]["clip_frac_low"] + out[0][2]["clip_frac_high"] > 0
+
+
+@pytest.mark.parametrize("icepop", [False, True])
+@pytest.mark.parametrize("cap", [1.1, 2.0, 5.0])
+def test_tis_gradient_equals_cispo_with_the_same_cap(cap, icepop):
+    # With one update per batch, TIS (-sg(min(w, C)) A p/sg(p)) and CISPO (-sg(min(w, C)) A log p) differ in value
+    # but not in gradient: both are min(w, C) A grad log p. CISPO's gradient is finite-difference checked above.
+    logp, q, mask, adv, gids, _ = _batch(B=8, T=6, seed=3, spread=0.5)
+    kw = {"icepop": icepop, "icepop_low": 0.8, "icepop_high": 1.25}
+    grads = []
+    for cfg in (LossConfig(loss_type="tis", tis_cap=cap, **kw), LossConfig(loss_type="cispo", cispo_max_weight=cap, **kw)):
+        leaf = logp.clone().requires_grad_()
+        compute_loss(leaf, q, mask, adv, gids, cfg)[0].backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    w = torch.exp(logp - q)
+    expected = -torch.clamp(w, max=cap) * adv.unsqueeze(1) * mask / mask.sum()
+    if icepop:
+        expected = expected * ((w >= 0.8) & (w <= 1.25))
+    torch.testing.assert_close(grads[0], expected)
 
 
 # ------------------------------------------------------------------------------------------------------ weights
@@ -267,6 +485,8 @@ def test_micro_batches_sum_to_full_batch_loss_and_grad(cfg):
     # Two micro-batches of 4 rows, each one prompt group of 4 (and one micro_batch block when rows divide 4), with
     # the same length multiset so bnpo's token count and ∆L's sum of L^-alpha are equal across them.
     cfg_mb = cfg
+    if cfg.loss_type == "m2po" and cfg.m2po_budget < 0.5:
+        pytest.skip("M2PO's clip bound is a function of each call's tokens (as in the reference code)")
     if cfg.gepo_grouping == "micro_batch":
         cfg_mb = LossConfig(loss_type="gepo", gepo_grouping="micro_batch", gepo_micro_batch_rows=2)
     logp, q, mask, adv, gids, ref = _batch(B=8, G=4, lengths=[6, 3, 5, 2, 2, 5, 6, 3])
@@ -301,8 +521,9 @@ def test_uneven_micro_batches_sum_for_step_normalised_types(loss_type):
 def test_metrics():
     logp, q, mask, adv, gids, ref = _batch()
     _, m = compute_loss(logp, q, mask, adv, gids, LossConfig(loss_type="gspo", beta=0.1), ref_logp=ref)
-    expected_keys = {"loss", "iw_mean", "iw_var", "iw_max", "clip_frac_low", "clip_frac_high", "kl_ref",
-                     "kl_sampler", "adv_mean", "adv_std", "adv_abs_max", "num_tokens"}  # fmt: skip
+    expected_keys = {"loss", "iw_mean", "iw_var", "iw_max", "clip_frac_low", "clip_frac_high", "mask_frac",
+                     "log_ratio_m2", "kl_ref", "kl_sampler", "adv_mean", "adv_std", "adv_abs_max",
+                     "num_tokens"}  # fmt: skip
     assert set(m) == expected_keys and all(isinstance(v, float) for v in m.values())
     s = torch.exp((logp * mask).sum(-1) / mask.sum(-1) - (q * mask).sum(-1) / mask.sum(-1))
     assert m["iw_mean"] == pytest.approx(s.mean().item()) and m["iw_max"] == pytest.approx(s.max().item())
@@ -312,6 +533,7 @@ def test_metrics():
     d = (q - logp)[mask]
     assert m["kl_sampler"] == pytest.approx((d.exp() - d - 1).mean().item())
     assert m["num_tokens"] == float(mask.sum())
+    assert m["log_ratio_m2"] == pytest.approx((d**2).mean().item()) and m["mask_frac"] == 0.0
     assert m["adv_abs_max"] == pytest.approx(adv.abs().max().item())
 
 
@@ -410,7 +632,14 @@ def test_config_defaults_and_resolution():
     assert cfg.loss_type == "gepo" and cfg.epsilon_low == cfg.epsilon_high == 0.2 and cfg.delta is None
     auto = {t: LossConfig(loss_type=t).resolved_advantage_std() for t in LOSS_TYPES}
     assert auto == {"grpo": "group", "bnpo": "group", "dapo": "group", "gspo": "group", "gepo": "none",
-                    "dr_grpo": "none", "delta_l": "none"}  # fmt: skip
+                    "dr_grpo": "none", "delta_l": "none", "tis": "group", "cispo": "group",
+                    "m2po": "group"}  # fmt: skip
+    for t in ("tis", "cispo", "m2po"):
+        assert LossConfig(loss_type=t).resolved_aggregation() == "dapo"
+        assert LossConfig(loss_type=t).weight_level() == "token"
+    d = LossConfig()
+    assert (d.tis_cap, d.cispo_max_weight, d.m2po_budget, d.icepop, d.icepop_low, d.icepop_high) == (
+        2.0, 5.0, 0.04, False, 0.5, 5.0)  # fmt: skip
     assert LossConfig(loss_type="gepo", advantage_std="batch").resolved_advantage_std() == "batch"
     assert LossConfig(loss_type="dapo", aggregation="delta_l").resolved_aggregation() == "delta_l"
     assert LossConfig(loss_type="delta_l").weight_level() == "token"
@@ -436,6 +665,15 @@ def test_config_defaults_and_resolution():
         ({"sampler_kl_coef": float("nan")}, "sampler_kl_coef"),
         ({"temperature": 0.0}, "temperature"),
         ({"temperature": "0.6"}, "temperature"),
+        ({"loss_type": "tis", "delta": 3.0}, "no PPO term"),
+        ({"loss_type": "cispo", "delta": 3.0}, "no PPO term"),
+        ({"tis_cap": 0.0}, "tis_cap"),
+        ({"cispo_max_weight": -1.0}, "cispo_max_weight"),
+        ({"m2po_budget": 0.0}, "m2po_budget"),
+        ({"icepop": 1}, "icepop must be a bool"),
+        ({"loss_type": "gspo", "icepop": True}, "token-level"),
+        ({"loss_type": "grpo", "icepop": True, "icepop_low": 1.0}, "icepop_low"),
+        ({"loss_type": "grpo", "icepop": True, "icepop_high": 0.9}, "icepop_high"),
     ],
 )
 def test_config_validation(kw, match):

@@ -233,7 +233,7 @@ def test_small_sweep_writes_results_resumes_and_reports(tmp_path, capsys):
 
     argv = ["--losses", "grpo", "gepo", "--latencies", "0", "3", "--seeds", "0", "--steps", "4",
             "--groups-per-step", "4", "--group-size", "4", "--eval-every", "2", "--eval-size", "30",
-            "--delay-kind", "fixed", "--jobs", "2", "--threads", "1", "--quiet",
+            "--delay-kind", "fixed", "--steps-per-latency", "0", "--jobs", "2", "--threads", "1", "--quiet",
             "--results-dir", str(tmp_path / "results"), "--docs", str(tmp_path / "STALENESS.md"),
             "--plot", str(tmp_path / "staleness.png")]  # fmt: skip
     assert staleness_sweep.main(argv) == 0
@@ -259,3 +259,40 @@ def test_small_sweep_writes_results_resumes_and_reports(tmp_path, capsys):
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     doc2 = (tmp_path / "STALENESS.md").read_text()
     assert doc2.startswith("intro\n") and doc2.rstrip().endswith("my notes")
+
+
+@needs_policy
+def test_sweep_produces_its_metrics_for_a_new_objective(tmp_path, capsys):
+    # The regression check for the newer objectives' path through the sweep (not which method wins): an M2PO grid
+    # whose longer latency runs longer (--steps-per-latency), written into its own section of an existing page.
+    from scripts import staleness_sweep
+
+    page = tmp_path / "STALENESS.md"
+    page.write_text("# page\n\nhand-written\n")
+    argv = ["--grid", "m2po:0,4", "--grid", "cispo:4", "--seeds", "0", "--steps", "3", "--steps-per-latency", "1.5",
+            "--groups-per-step", "4", "--group-size", "4", "--eval-every", "3", "--eval-size", "20",
+            "--delay-kind", "fixed", "--jobs", "1", "--threads", "1", "--quiet", "--section", "newer",
+            "--results-dir", str(tmp_path / "results"), "--docs", str(page),
+            "--plot", str(tmp_path / "newer.png")]  # fmt: skip
+    assert staleness_sweep.main(argv) == 0
+    results = {json.loads(f.read_text())["config"]["loss_type"] + str(json.loads(f.read_text())["config"]["max_lag"]):
+               json.loads(f.read_text()) for f in (tmp_path / "results").glob("*.json")}  # fmt: skip
+    assert sorted(results) == ["cispo4", "m2po0", "m2po4"]
+    assert len(results["m2po0"]["steps"]) == 3 and len(results["m2po4"]["steps"]) == 6  # max(3, 1.5 x 4)
+    for name, r in results.items():
+        for s in r["steps"]:
+            for key in ("loss", "iw_var", "clip_frac_low", "clip_frac_high", "mask_frac", "log_ratio_m2", "grad_norm"):
+                assert np.isfinite(s[key]), (name, key)
+        summary = r["summary"]
+        for key in ("best_accuracy", "last_accuracy", "iw_var_mean", "grad_norm_p95", "clip_frac_mean",
+                    "mask_frac_mean", "lag_mean"):  # fmt: skip
+            assert np.isfinite(summary[key]), (name, key)
+    assert results["m2po4"]["summary"]["lag_max"] == 4 and results["m2po4"]["steps"][-1]["iw_var"] > 0
+    doc = page.read_text()
+    assert doc.startswith("# page\n\nhand-written\n")
+    begin, end = staleness_sweep.section_markers("newer")
+    assert begin in doc and end in doc and staleness_sweep.BEGIN not in doc
+    block = doc.split(begin, 1)[1]
+    assert "| M2PO | 0 |" in block and "| M2PO | 4 |" in block and "| CISPO | 4 |" in block
+    assert "| CISPO | · |" in block  # not in the grid at latency 0
+    assert "![staleness sweep](newer.png)" in block and (tmp_path / "newer.png").stat().st_size > 10_000
