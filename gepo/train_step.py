@@ -27,6 +27,7 @@ from gepo.advantages import group_advantages
 from gepo.config import LossConfig
 from gepo.logprobs import token_entropy, token_logprobs
 from gepo.objectives import compute_loss
+from protocol.group_rules import group_problem
 
 
 @dataclass
@@ -46,21 +47,16 @@ class ScoredGroup:
     rewards: Sequence[float]
     policy_version: int = 0
 
+    tag: Any = None
+    """Who sent it (the learner's records use it); the trainer ignores it."""
+
     def __post_init__(self) -> None:
-        g = len(self.completion_ids)
-        if g == 0:
-            raise ValueError("a group needs at least one completion")
-        if len(self.prompt_ids) == 0:
-            raise ValueError("a group needs a non-empty prompt")
-        if len(self.sampler_logprobs) != g or len(self.rewards) != g:
-            raise ValueError(
-                f"group has {g} completions but {len(self.sampler_logprobs)} log-prob rows and {len(self.rewards)} rewards"
-            )
-        for i, (ids, lps) in enumerate(zip(self.completion_ids, self.sampler_logprobs)):
-            if len(ids) == 0:
-                raise ValueError(f"completion {i} is empty")
-            if len(ids) != len(lps):
-                raise ValueError(f"completion {i} has {len(ids)} tokens but {len(lps)} log-probs")
+        if len(self.rewards) != len(self.completion_ids):
+            raise ValueError(f"group has {len(self.completion_ids)} completions but {len(self.rewards)} rewards")
+        # the one definition of a valid group intake applies too (protocol/group_rules.py)
+        problem = group_problem(self.prompt_ids, self.completion_ids, self.sampler_logprobs)
+        if problem is not None:
+            raise ValueError(f"{problem[0].value}: {problem[1]}")
 
     @property
     def size(self) -> int:

@@ -122,7 +122,12 @@ class Learner:
         self.state = RunState()
         checkpoint = latest_checkpoint(self.run_dir) if cfg.resume else None
         if cfg.resume and checkpoint is None:
-            log.warning("--resume: no checkpoint in %s, starting fresh", self.run_dir)
+            published = self._last_published()
+            # Numbering from 0 again would make every sampler's group a `future_version` (and give two policies
+            # one version): continue above whatever was published.
+            self.state.policy_version = 0 if published is None else published + 1
+            log.warning("--resume: no checkpoint in %s, starting fresh weights at version %d", self.run_dir,
+                        self.state.policy_version)
         model_ref = str(checkpoint / "model") if checkpoint else cfg.model
         self.model, self.tokenizer = load_policy(model_ref, self.device, dtype)
         self.model.config.use_cache = False
@@ -338,7 +343,7 @@ class Learner:
         self.validator = RolloutValidator(
             ValidatorConfig(run_id=self.swarm_cfg.run_id, vocab_size=len(self.tokenizer),
                             max_completion_tokens=self.cfg.max_new_tokens, group_size=self.cfg.group_size,
-                            max_staleness=self.cfg.max_staleness, logprob_tolerance=1e-4),
+                            max_staleness=self.cfg.max_staleness),
             current_version=lambda: self.version,
             prompt_check=self._prompt_matches,
         )
