@@ -33,13 +33,14 @@ from gepo.sampling import generate_groups, greedy_completions
 from gepo.train_step import ScoredGroup, TrainStepConfig, train_step
 from node.checkpoint import RunState, latest_checkpoint, load_optimizer, load_run_state, save_checkpoint
 from node.dht import BootstrapError, ConfigError
+from node.intake import Intake, IntakeConfig
 from node.cli import add_dataclass_args, add_process_args, dataclass_from_args, option, parse_with_recipe, setup_process
 from node.metrics import GracefulStop, MetricsWriter, StatusLine, quiet_transformers
 from node.model_io import (ModelLoadError, load_policy, policy_files, policy_tensors, resolve_device, resolve_dtype,
                            run_file)
 from node.run_info import QuestionSet, RunInfo
 from protocol.errors import ProtocolError, Reason
-from protocol.rollout import RolloutGroup, prompt_hash
+from protocol.rollout import RolloutGroup, prompt_hash, read_sender
 
 log = logging.getLogger("node.learner")
 
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                        skip=("temperature", "max_completion_length"))
     add_dataclass_args(parser, DataConfig, "prompt data (gepo.data.DataConfig)", prefix="data_",
                        rename={"source": "dataset"})
+    add_dataclass_args(parser, IntakeConfig, "checks on what samplers send (node.intake.IntakeConfig)")
     SwarmConfig.add_argparse_args(parser)
     return parser
 
@@ -102,13 +104,17 @@ class Learner:
     """Model, optimizer, prompts, rewards and bookkeeping; `run()` picks the rollout source."""
 
     def __init__(self, cfg: LearnerConfig, loss: LossConfig, data: DataConfig, swarm_cfg: Any = None,
-                 stop: GracefulStop | None = None) -> None:
+                 stop: GracefulStop | None = None, intake: IntakeConfig | None = None) -> None:
         self.cfg = cfg
         self.loss = dataclasses.replace(loss, temperature=cfg.temperature, max_completion_length=cfg.max_new_tokens)
+        self.intake_cfg = intake or IntakeConfig()
+        if not cfg.online and self.loss.delta is None:  # no single group can dominate a step (docs/PROTOCOL.md)
+            self.loss = dataclasses.replace(self.loss, delta=self.intake_cfg.max_group_weight)
         self.data_cfg = data
         self.swarm_cfg = swarm_cfg
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.intake = Intake(self.intake_cfg, self.run_dir)
         torch.manual_seed(cfg.seed)
 
         # Under `accelerate launch` / torchrun (WORLD_SIZE > 1) every rank trains on its share of each step's
@@ -225,16 +231,29 @@ class Learner:
     def train(self, groups: list[ScoredGroup], accuracies: list[float], extra: dict[str, float],
               sharded: bool = False) -> dict[str, float]:
         """One optimizer step on `groups` (all of the step's groups, or this rank's share when `sharded`)."""
+        from gepo.plausibility import GroupGuard, PlausibilityConfig
+
         mine = groups if sharded else self._my_share(groups)
+        guard = None if self.cfg.online else GroupGuard(PlausibilityConfig(self.intake_cfg.max_mean_logprob_gap,
+                                                                           self.intake_cfg.max_token_logprob_gap))
         metrics = train_step(self.train_model, self.optimizer, mine, self.step_cfg, pad_token_id=self.pad_id,
-                             current_version=self.version, step_index=self.state.step, accelerator=self.acc)
+                             current_version=self.version, step_index=self.state.step, accelerator=self.acc,
+                             guard=guard)
         self.state.step += 1
         self.state.policy_version += 1
-        self.counters["tokens_trained"] += sum(len(c) for g in mine for c in g.completion_ids)
+        if guard is not None and guard.rejected and self.acc is None:  # metrics cover the groups trained on
+            ends = np.cumsum([0] + [g.size for g in groups])
+            accuracies = [a for i in range(len(groups)) if i not in guard.rejected
+                          for a in accuracies[ends[i]:ends[i + 1]]]
+        if guard is not None and self.is_main:
+            self.intake.after_step(self.state.step, self.version, mine, guard.rejected, guard.details)
+        self.counters["tokens_trained"] += sum(len(c) for i, g in enumerate(mine) for c in g.completion_ids
+                                               if guard is None or i not in guard.rejected)
         metrics["accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0
         metrics["policy_version"] = self.version
         metrics.update(extra)
-        lags = [self.version - 1 - g.policy_version for g in groups]
+        lags = [self.version - 1 - g.policy_version for i, g in enumerate(groups)
+                if guard is None or self.acc is not None or i not in guard.rejected]
         metrics["staleness_hist"] = dict(Counter(lags))
         if self.is_main and self.eval_prompts is not None and (self.state.step % self.cfg.eval_every == 0
                                                                or self.state.step == self.cfg.max_steps):
@@ -250,6 +269,7 @@ class Learner:
         save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.state, accelerator=self.acc)
 
     def close(self) -> None:
+        self.intake.close()
         self.scorer.close()
         self.metrics.close()
         self.status.close()
@@ -286,6 +306,8 @@ class Learner:
 
     def _validate(self, data: bytes) -> RolloutGroup:
         """Runs in the swarm's validation thread for every pushed message; raising rejects it with the reason."""
+        if self.intake.is_banned(read_sender(data)):  # before paying for the signature
+            raise ProtocolError(Reason.BANNED, "this sampler failed a check and is banned by this learner")
         group = self.validator.validate(data)
         expected = assign_prompt_index(group.sampler, group.seq, len(self.prompts))
         if group.prompt_index != expected:
@@ -306,7 +328,9 @@ class Learner:
         files = {**policy_files(self.model, self.tokenizer), **run_file(self.run_info().to_json())}
         t0 = time.perf_counter()
         self.swarm.report(step=self.state.step, stale=self.counters["dropped_stale"],  # heartbeat: node.monitor
-                          tokens=self.counters["tokens_trained"])
+                          tokens=self.counters["tokens_trained"], banned=len(self.intake.bans.bans),
+                          rejected=self.swarm.stats().get("rejected", 0) + self.intake.rejected_total())
+        self.intake.published(self.version, self.model)
         self.swarm.publish_state(self.version, tensors, files=files,
                                  parent=self.version - self.cfg.publish_every if self.version else None)
         self.counters["published"] += 1
@@ -349,12 +373,18 @@ class Learner:
         )
         self.swarm = LearnerSwarm(self.swarm_cfg, validate=self._validate)
         self.swarm.start(print_join=True)
+        if self.intake_cfg.verify_fraction > 0 or self.intake_cfg.verify_first > 0:
+            self.intake.start_verifier(self.model, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, self.pad_id)
         self.publish()
         pending: list[tuple[ScoredGroup, list[float], str]] = []
         last_rollout = time.monotonic()
         while self.state.step < self.cfg.max_steps and not self.stop.requested:
             # Take only what this step still needs: the rest waits in the bounded inbox, whose "busy" answers
             # hold the samplers back instead of letting a backlog (and its staleness) grow here.
+            if banned := self.intake.poll():  # a spot-check failed: what that sampler still has queued goes
+                kept = [p for p in pending if p[0].tag[0] not in banned]
+                self.intake.counts["dropped_banned"] += len(pending) - len(kept)
+                pending = kept
             need = max(1, self.cfg.groups_per_step - len(pending))
             for accepted in self.swarm.get_rollouts(max_items=need, timeout=0.5):
                 last_rollout = time.monotonic()
@@ -376,15 +406,24 @@ class Learner:
 
     def _take(self, group: RolloutGroup, pending: list) -> None:
         """Drop a group that went stale while it waited; score the rest."""
+        if self.intake.drop_if_banned(group.sampler):
+            return
         sampler = group.sampler.hex()[:8]
         lag = self.version - group.policy_version
         if lag > self.cfg.max_staleness:
             self.counters["dropped_stale"] += 1
             self.sampler_stats[sampler]["stale"] += 1
             return
-        scored, acc = self.score(group.prompt_index, group.prompt_ids.tolist(),
-                                 [c.tolist() for c in group.completions()],
-                                 [lp.tolist() for lp in group.completion_logprobs()], group.policy_version)
+        try:
+            scored, acc = self.score(group.prompt_index, group.prompt_ids.tolist(),
+                                     [c.tolist() for c in group.completions()],
+                                     [lp.tolist() for lp in group.completion_logprobs()], group.policy_version)
+        except Exception as exc:  # noqa: BLE001 - one group's failure drops that group, never the learner
+            self.intake.counts["scoring_failed"] += 1
+            log.warning("dropped group #%d of %s: scoring failed: %r", group.seq, sampler, exc)
+            return
+        scored.tag = (group.sampler.hex(), group.seq)
+        self.intake.accepted(group)
         self.counters["groups_accepted"] += 1
         stats = self.sampler_stats[sampler]
         stats["accepted"] += 1
@@ -395,6 +434,7 @@ class Learner:
     def _swarm_metrics(self, batch: list) -> dict[str, Any]:
         rejections = {k: v for k, v in self.validator.counts().items() if k != "accepted"}
         rejections.update(self.rejections)
+        rejections.update(self.intake.rejections())
         swarm = self.swarm.stats()
         per_sampler = Counter(s for _, _, s in batch)
         return {
@@ -405,6 +445,7 @@ class Learner:
             "sampler_totals": {k: dict(v) for k, v in self.sampler_stats.items()},
             "bytes_uploaded": swarm.get("bytes_uploaded", 0),
             "inbox": swarm.get("inbox", 0),
+            "spot_checks": self.intake.checks(),
         }
 
     # ---------------------------------------------------------------------------------------------------------
@@ -424,7 +465,8 @@ class Learner:
     def _rejected_total(self) -> int:
         if not hasattr(self, "validator"):
             return 0
-        return sum(self.validator.rejections.values()) + sum(self.rejections.values())
+        return (sum(self.validator.rejections.values()) + sum(self.rejections.values())
+                + self.intake.rejected_total())
 
     def run(self) -> None:
         if self.state.step >= self.cfg.max_steps:
@@ -458,12 +500,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclass_from_args(LearnerConfig, args)
         loss = dataclass_from_args(LossConfig, args)
         data = dataclass_from_args(DataConfig, args, prefix="data_")
+        intake = dataclass_from_args(IntakeConfig, args)
         swarm_cfg = SwarmConfig.from_args(args)
         if swarm_cfg.state_dir is None:
             swarm_cfg = swarm_cfg.replace(state_dir=str(Path(cfg.run_dir) / "swarm"))
         swarm_cfg = swarm_cfg.with_defaults_for_state_dir()
         swarm_cfg = swarm_cfg.replace(inbox_size=min(swarm_cfg.inbox_size, cfg.max_buffered_steps * cfg.groups_per_step))
-        learner = Learner(cfg, loss, data, swarm_cfg, stop=stop)
+        learner = Learner(cfg, loss, data, swarm_cfg, stop=stop, intake=intake)
     except (ValueError, DataError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
