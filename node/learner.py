@@ -360,17 +360,22 @@ class Learner:
         finally:
             self._broadcast(None)
 
-    def _lead_swarm(self) -> None:
-        from node.learner_swarm import LearnerSwarm
+    def make_validator(self, run_id: str) -> Any:
         from protocol.validate import RolloutValidator, ValidatorConfig
 
         self.validator = RolloutValidator(
-            ValidatorConfig(run_id=self.swarm_cfg.run_id, vocab_size=len(self.tokenizer),
+            ValidatorConfig(run_id=run_id, vocab_size=len(self.tokenizer),
                             max_completion_tokens=self.cfg.max_new_tokens, group_size=self.cfg.group_size,
                             max_staleness=self.cfg.max_staleness),
             current_version=lambda: self.version,
             prompt_check=self._prompt_matches,
         )
+        return self.validator
+
+    def _lead_swarm(self) -> None:
+        from node.learner_swarm import LearnerSwarm
+
+        self.make_validator(self.swarm_cfg.run_id)
         self.swarm = LearnerSwarm(self.swarm_cfg, validate=self._validate)
         self.swarm.start(print_join=True)
         if self.intake_cfg.verify_fraction > 0 or self.intake_cfg.verify_first > 0:

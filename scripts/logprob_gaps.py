@@ -4,7 +4,8 @@ Runs the staleness simulator (gepo/staleness.py: the real train_step fed with gr
 --max-lag old) and, before each step, recomputes the learner's log-probs of every completion with the current
 weights, exactly as train_step does, and records per row mean_t |p - q| and max_t |p - q| against the sampler's q.
 
-    python -m scripts.logprob_gaps --max-lag 64 --steps 200 --out runs/gaps.json
+    python -m scripts.logprob_gaps --max-lag 64 --steps 200 --out runs/gaps.jsonl
+    python -m scripts.logprob_gaps --summarise runs/gaps*.jsonl
     python -m scripts.logprob_gaps --dtype bfloat16 ...   # the learner computes p in bf16, samplers in fp32
 
 Prints the gap quantiles per lag bucket and the number of rows (and groups) beyond the bounds.
@@ -36,18 +37,22 @@ def learner_gaps(model, group, temperature: float, dtype: torch.dtype) -> tuple[
     return mean_gap.tolist(), max_gap.tolist()
 
 
-def measure(cfg: StalenessConfig, dtype: torch.dtype = torch.float32) -> list[dict]:
-    """One record per group: lag, and its rows' mean and max gaps."""
+def measure(cfg: StalenessConfig, dtype: torch.dtype = torch.float32, sink=None) -> list[dict]:
+    """One record per group: lag, and its rows' mean and max gaps (also written to `sink` as JSON lines)."""
+    from gepo.tiny_policy import load_tiny_policy
+
     records: list[dict] = []
+    model, tokenizer = load_tiny_policy(cfg.policy_path)
 
     def on_step(t, groups, history) -> None:
         for g in groups:
             mean_gap, max_gap = learner_gaps(model, g, cfg.temperature, dtype)
             records.append({"lag": t - g.policy_version, "mean": mean_gap, "max": max_gap})
+            if sink is not None:
+                sink.write(json.dumps(records[-1]) + "\n")
+        if sink is not None:
+            sink.flush()
 
-    from gepo.tiny_policy import load_tiny_policy
-
-    model, tokenizer = load_tiny_policy(cfg.policy_path)
     run_staleness(cfg, model=model, tokenizer=tokenizer, on_step=on_step)
     return records
 
@@ -84,18 +89,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--groups-per-step", type=int, default=8)
+    p.add_argument("--out", default=None, help="JSON lines, one per group, written as the run goes")
+    p.add_argument("--summarise", nargs="*", default=None, metavar="FILE", help="only summarise these --out files")
     a = p.parse_args(argv)
+    if a.summarise is not None:
+        records = [json.loads(line) for path in a.summarise for line in open(path) if line.strip()]
+        print(json.dumps(summarise(records, PlausibilityConfig()), indent=1))
+        return 0
     torch.set_num_threads(1)
     cfg = StalenessConfig(max_lag=a.max_lag, delay_kind=a.delay_kind, steps=a.steps, lr=a.lr, groups_per_batch=1,
+                          group_size=a.group_size, groups_per_step=a.groups_per_step,
                           max_new_tokens=a.max_new_tokens, eval_every=10**6, eval_size=50, seed=a.seed)
-    records = measure(cfg, getattr(torch, a.dtype))
+    with open(a.out, "w") if a.out else open("/dev/null", "w") as sink:
+        records = measure(cfg, getattr(torch, a.dtype), sink)
     summary = summarise(records, PlausibilityConfig())
     summary.update(dtype=a.dtype, lr=a.lr, delay_kind=a.delay_kind, steps=a.steps)
     print(json.dumps(summary, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"summary": summary, "records": records}, f)
     return 0
 
 

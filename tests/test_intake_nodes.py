@@ -99,7 +99,7 @@ def test_liars_are_rejected_or_banned_and_the_learner_keeps_training(tmp_path):
                 rec = bans[liars[mode]]
                 assert len(rec["trained_groups"]) <= VERIFY_FIRST * 2, rec  # banned within its first groups
                 assert all(g["seq"] >= 0 for g in rec["trained_groups"])
-        assert learner.stop() == 130, learner.tail()
+        assert learner.stop(timeout=120) == 130, learner.tail()
         # the bans survive a restart: the learner refuses those samplers from the start
         from node.intake import BanBook
 
