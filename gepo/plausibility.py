@@ -18,23 +18,32 @@ row contributes to the gradient.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: node/intake.py reads the bounds without it
+    import torch
 
 IMPLAUSIBLE = "implausible_logprobs"
 TRAIN_ERROR = "train_error"
 
 
+# Measured honest maxima (tiny policy, lags 0-64, docs/PROTOCOL.md) are a fraction of these.
+MAX_MEAN_GAP = 5.0
+MAX_TOKEN_GAP = 20.0
+
+
 @dataclass
 class PlausibilityConfig:
-    max_mean_gap: float = 1.0
+    max_mean_gap: float = MAX_MEAN_GAP
     """Largest mean_t |log p - log q| of a row (nats per token)."""
-    max_token_gap: float = 12.0
+    max_token_gap: float = MAX_TOKEN_GAP
     """Largest |log p - log q| of any one token (nats)."""
 
 
 def row_gaps(logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean_t |p - q|, max_t |p - q|) per row, (B,) each, over the mask (float32, no gradient)."""
+    import torch
+
     gap = torch.where(mask, (logp.detach().float() - sampler_logp.float()).abs(), torch.zeros((), device=logp.device))
     return gap.sum(-1) / mask.sum(-1).clamp(min=1), gap.amax(-1)
 
@@ -61,6 +70,8 @@ class GroupGuard:
     def screen(self, logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
                group_ids: torch.Tensor) -> torch.Tensor:
         """(B,) bool: rows to keep. A row out of bounds drops every row of its group in this batch."""
+        import torch
+
         mean_gap, max_gap = row_gaps(logp, sampler_logp, mask)
         cfg = self.config
         bad = (mean_gap > cfg.max_mean_gap) | (max_gap > cfg.max_token_gap) | ~torch.isfinite(mean_gap)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gepo.plausibility import MAX_MEAN_GAP, MAX_TOKEN_GAP
 from node.cli import option
 
 log = logging.getLogger("node.intake")
@@ -41,10 +42,10 @@ TRAINED_FILE = "trained_groups.jsonl"
 @dataclass
 class IntakeConfig:
     max_mean_logprob_gap: float = option(
-        1.0, "drop a group (and ban its sampler) when a completion's mean |log p - log q| over its tokens, learner "
+        MAX_MEAN_GAP, "drop a group (and ban its sampler) when a completion's mean |log p - log q| over its tokens, learner "
              "vs claimed, exceeds this (nats; honest staleness stays below it, see docs/PROTOCOL.md)")
     max_token_logprob_gap: float = option(
-        12.0, "... or when one token's |log p - log q| exceeds this (nats)")
+        MAX_TOKEN_GAP, "... or when one token's |log p - log q| exceeds this (nats)")
     max_group_weight: float = option(
         4.0, "swarm mode: dual-clip delta applied when --delta is not given: no row's importance weight counts "
              "above it, so no group can dominate a step's gradient")

@@ -27,33 +27,43 @@ from gepo.logprobs import token_logprobs
 BUCKETS = ((0, 0), (1, 4), (5, 16), (17, 32), (33, 48), (49, 64), (65, 10**9))
 
 
-def learner_gaps(model, group, temperature: float, dtype: torch.dtype) -> tuple[list[float], list[float]]:
-    """mean and max |p - q| per row of one group, p from `model` in the train_step layout."""
-    rows = [_Row(group.prompt_ids, c, lp, 0.0, 0) for c, lp in zip(group.completion_ids, group.sampler_logprobs)]
+def learner_gaps(model, groups, temperature: float, dtype: torch.dtype) -> list[tuple[list[float], list[float]]]:
+    """Per group: mean and max |p - q| of each row, p from `model` in the train_step layout (one forward)."""
+    rows = [_Row(g.prompt_ids, c, lp, 0.0, gi) for gi, g in enumerate(groups)
+            for c, lp in zip(g.completion_ids, g.sampler_logprobs)]
     batch = _collate(rows, 0, next(model.parameters()).device)
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         logp = token_logprobs(completion_logits(model, batch), batch["completion_ids"], temperature)
     mean_gap, max_gap = row_gaps(logp, batch["sampler_logprobs"], batch["completion_mask"])
-    return mean_gap.tolist(), max_gap.tolist()
+    out: list[tuple[list[float], list[float]]] = [([], []) for _ in groups]
+    for r, row in enumerate(rows):
+        out[row.group][0].append(float(mean_gap[r]))
+        out[row.group][1].append(float(max_gap[r]))
+    return out
 
 
 def measure(cfg: StalenessConfig, dtype: torch.dtype = torch.float32, sink=None) -> list[dict]:
     """One record per group: lag, and its rows' mean and max gaps (also written to `sink` as JSON lines)."""
+    from gepo.rewards import RewardConfig, RewardScorer
     from gepo.tiny_policy import load_tiny_policy
 
     records: list[dict] = []
     model, tokenizer = load_tiny_policy(cfg.policy_path)
 
     def on_step(t, groups, history) -> None:
-        for g in groups:
-            mean_gap, max_gap = learner_gaps(model, g, cfg.temperature, dtype)
+        for g, (mean_gap, max_gap) in zip(groups, learner_gaps(model, groups, cfg.temperature, dtype)):
             records.append({"lag": t - g.policy_version, "mean": mean_gap, "max": max_gap})
             if sink is not None:
                 sink.write(json.dumps(records[-1]) + "\n")
         if sink is not None:
             sink.flush()
 
-    run_staleness(cfg, model=model, tokenizer=tokenizer, on_step=on_step)
+    # generous timeouts: this is a measurement, often run on a busy machine
+    scorer = RewardScorer(RewardConfig(num_workers=1, timeout_s=30.0, startup_timeout_s=600.0))
+    try:
+        run_staleness(cfg, model=model, tokenizer=tokenizer, scorer=scorer, on_step=on_step)
+    finally:
+        scorer.close()
     return records
 
 
@@ -91,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--groups-per-step", type=int, default=8)
+    p.add_argument("--groups-per-batch", type=int, default=2, help="groups sampled with one version (one lag)")
     p.add_argument("--out", default=None, help="JSON lines, one per group, written as the run goes")
     p.add_argument("--summarise", nargs="*", default=None, metavar="FILE", help="only summarise these --out files")
     a = p.parse_args(argv)
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summarise(records, PlausibilityConfig()), indent=1))
         return 0
     torch.set_num_threads(1)
-    cfg = StalenessConfig(max_lag=a.max_lag, delay_kind=a.delay_kind, steps=a.steps, lr=a.lr, groups_per_batch=1,
+    cfg = StalenessConfig(max_lag=a.max_lag, delay_kind=a.delay_kind, steps=a.steps, lr=a.lr, groups_per_batch=a.groups_per_batch,
                           group_size=a.group_size, groups_per_step=a.groups_per_step,
                           max_new_tokens=a.max_new_tokens, eval_every=10**6, eval_size=50, seed=a.seed)
     with open(a.out, "w") if a.out else open("/dev/null", "w") as sink:

@@ -180,3 +180,19 @@ def test_validator_refuses_what_the_trainer_would():
     g = push([[3, 4]], [np.array([-1.0, 5e-5], np.float32)], 3)  # the slack both accept
     ScoredGroup(g.prompt_ids.tolist(), [c.tolist() for c in g.completions()],
                 [lp.tolist() for lp in g.completion_logprobs()], [0.0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_no_false_positives_over_2000_honest_groups_up_to_max_staleness():
+    """Honest stale groups from the staleness simulator (the real train_step, lags up to the learner's default
+    --max-staleness 32) never exceed the plausibility bounds."""
+    from gepo.staleness import StalenessConfig
+    from scripts.logprob_gaps import measure, summarise
+
+    cfg = StalenessConfig(max_lag=32, delay_kind="weibull", steps=42, groups_per_step=50, group_size=2,
+                          groups_per_batch=25, max_new_tokens=8, lr=1e-4, eval_every=10**6, eval_size=20, seed=3)
+    records = measure(cfg)
+    summary = summarise(records, PlausibilityConfig())
+    assert summary["groups"] >= 2000 and summary["max_lag_seen"] >= 30, summary
+    assert summary["groups_beyond_bounds"] == 0, summary
