@@ -191,8 +191,8 @@ def test_no_false_positives_over_2000_honest_groups_up_to_max_staleness():
     from scripts.logprob_gaps import measure, summarise
 
     cfg = StalenessConfig(max_lag=32, delay_kind="weibull", steps=42, groups_per_step=50, group_size=2,
-                          groups_per_batch=25, max_new_tokens=8, lr=1e-4, eval_every=10**6, eval_size=20, seed=3)
+                          groups_per_batch=10, max_new_tokens=8, lr=1e-4, eval_every=10**6, eval_size=20, seed=3)
     records = measure(cfg)
     summary = summarise(records, PlausibilityConfig())
-    assert summary["groups"] >= 2000 and summary["max_lag_seen"] >= 30, summary
+    assert summary["groups"] >= 2000 and summary["max_lag_seen"] >= 28, summary
     assert summary["groups_beyond_bounds"] == 0, summary
