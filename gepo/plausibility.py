@@ -28,7 +28,7 @@ TRAIN_ERROR = "train_error"
 
 
 # Measured honest maxima (tiny policy, lags 0-64, docs/PROTOCOL.md) are a fraction of these.
-MAX_MEAN_GAP = 5.0
+MAX_MEAN_GAP = 10.0
 MAX_TOKEN_GAP = 20.0
 
 

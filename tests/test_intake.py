@@ -57,7 +57,7 @@ def lie(group: ScoredGroup, how) -> ScoredGroup:
 
 LIES = {  # beyond the plausibility bounds (scaled log-probs of confident tokens stay inside: the spot-check's job)
     "minus_41": lambda q: np.full_like(q, -41.0),
-    "shifted_-8": lambda q: q - 8,
+    "shifted_-15": lambda q: q - 15,
     "replaced": lambda q: -np.random.default_rng(0).uniform(0, 30, q.shape),
 }
 
