@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from gepo.plausibility import SPOT_MEAN_TOLERANCE, SPOT_TOKEN_TOLERANCE
 from gepo.train_step import _collate, _Row, completion_logits
 
 LOGPROB_MISMATCH = "logprob_mismatch"
@@ -26,9 +27,9 @@ IMPOSSIBLE_TOKEN = "impossible_token"
 
 @dataclass
 class SpotCheckConfig:
-    token_tolerance: float = 0.5
+    token_tolerance: float = SPOT_TOKEN_TOLERANCE
     """Largest |claimed - recomputed| log-prob of one token (nats)."""
-    mean_tolerance: float = 0.05
+    mean_tolerance: float = SPOT_MEAN_TOLERANCE
     """Largest mean over a completion's tokens of |claimed - recomputed| (nats per token)."""
     nucleus_slack: float = 0.02
     """A token is inside the top-p nucleus when the mass of the tokens strictly more likely than it is < top_p + slack

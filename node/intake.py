@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gepo.plausibility import MAX_MEAN_GAP, MAX_TOKEN_GAP
+from gepo.plausibility import MAX_MEAN_GAP, MAX_TOKEN_GAP, SPOT_MEAN_TOLERANCE, SPOT_TOKEN_TOLERANCE
 from node.cli import option
 
 log = logging.getLogger("node.intake")
@@ -42,8 +42,8 @@ TRAINED_FILE = "trained_groups.jsonl"
 @dataclass
 class IntakeConfig:
     max_mean_logprob_gap: float = option(
-        MAX_MEAN_GAP, "drop a group (and ban its sampler) when a completion's mean |log p - log q| over its tokens, learner "
-             "vs claimed, exceeds this (nats; honest staleness stays below it, see docs/PROTOCOL.md)")
+        MAX_MEAN_GAP, "drop a group (and ban its sampler) when a completion's mean |log p - log q| over its tokens, "
+                      "learner vs claimed, exceeds this (nats; honest staleness stays below it, see docs/PROTOCOL.md)")
     max_token_logprob_gap: float = option(
         MAX_TOKEN_GAP, "... or when one token's |log p - log q| exceeds this (nats)")
     max_group_weight: float = option(
@@ -54,8 +54,10 @@ class IntakeConfig:
     verify_first: int = option(4, "spot-check every one of a sampler's first N groups")
     verify_cache_versions: int = option(8, "recent versions' weights kept in CPU RAM for spot-checks (older claimed "
                                            "versions cannot be checked)")
-    verify_token_tolerance: float = option(0.5, "spot-check: largest |claimed - recomputed| log-prob of one token")
-    verify_mean_tolerance: float = option(0.05, "spot-check: largest mean |claimed - recomputed| of a completion")
+    verify_token_tolerance: float = option(SPOT_TOKEN_TOLERANCE,
+                                           "spot-check: largest |claimed - recomputed| log-prob of one token")
+    verify_mean_tolerance: float = option(SPOT_MEAN_TOLERANCE,
+                                          "spot-check: largest mean |claimed - recomputed| of a completion")
     verify_queue: int = option(256, "spot-checks waiting at most (beyond: skipped, counted verify_busy)")
 
 

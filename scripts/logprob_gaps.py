@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summarise(records, PlausibilityConfig()), indent=1))
         return 0
     torch.set_num_threads(1)
-    cfg = StalenessConfig(max_lag=a.max_lag, delay_kind=a.delay_kind, steps=a.steps, lr=a.lr, groups_per_batch=a.groups_per_batch,
+    cfg = StalenessConfig(max_lag=a.max_lag, delay_kind=a.delay_kind, steps=a.steps, lr=a.lr,
+                          groups_per_batch=a.groups_per_batch,
                           group_size=a.group_size, groups_per_step=a.groups_per_step,
                           max_new_tokens=a.max_new_tokens, eval_every=10**6, eval_size=50, seed=a.seed)
     with open(a.out, "w") if a.out else open("/dev/null", "w") as sink:

@@ -7,7 +7,7 @@ backend returns from generation is altered before the group is signed:
     slack         a near-certain token's log-prob reported as +5e-5 (inside the one tolerance: accepted, trained)
     minus41       every log-prob is -41
     shift         every log-prob lowered by 0.3 (inside the plausibility bounds: the spot-check's job)
-    scale         every log-prob times 3, minus 0.05
+    scale         every log-prob times 3, minus 0.2
     other_model   completions and log-probs of another model: the same architecture, differently seeded
 """
 
@@ -56,7 +56,7 @@ def install(mode: str) -> None:
             elif mode == "shift":
                 _lie_logprobs(gen, lambda x: x - 0.3)
             elif mode == "scale":
-                _lie_logprobs(gen, lambda x: 3 * x - 0.05)
+                _lie_logprobs(gen, lambda x: 3 * x - 0.2)
         return groups
 
     sampler_program.HFBackend.generate = generate
