@@ -31,9 +31,9 @@ TRAIN_ERROR = "train_error"
 MAX_MEAN_GAP = 10.0
 MAX_TOKEN_GAP = 20.0
 # Spot-check tolerances (gepo/spot_check.py: same version, so only numerics differ): a few times the largest
-# difference measured between a bf16 sampler and the fp32 check (docs/PROTOCOL.md).
-SPOT_TOKEN_TOLERANCE = 0.5
-SPOT_MEAN_TOLERANCE = 0.15
+# difference measured between a bf16 sampler and the fp32 check, SmolLM2-135M (docs/PROTOCOL.md).
+SPOT_TOKEN_TOLERANCE = 1.0
+SPOT_MEAN_TOLERANCE = 0.25
 
 
 @dataclass

@@ -126,7 +126,7 @@ def test_spot_check_passes_honest_groups_and_catches_small_lies(policy):
             r = spot_check(model, g.prompt_ids, g.completion_ids, g.sampler_logprobs, **sampling)
             assert r.ok, (sampling, r)
     g = honest_groups(model, tokenizer, n=1, seed=4)[0]
-    for how in (lambda q: q - 0.3, lambda q: q * 3 - 0.2):  # shifted, scaled: inside the plausibility bounds
+    for how in (lambda q: q - 0.5, lambda q: q * 3 - 0.4):  # shifted, scaled: inside the plausibility bounds
         liar = lie(g, how)
         r = spot_check(model, g.prompt_ids, liar.completion_ids, liar.sampler_logprobs)
         assert not r.ok and r.reason == LOGPROB_MISMATCH

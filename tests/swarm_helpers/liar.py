@@ -6,8 +6,8 @@ backend returns from generation is altered before the group is signed:
     empty         the last completion of every group has 0 tokens (passes the wire format; intake refuses it)
     slack         a near-certain token's log-prob reported as +5e-5 (inside the one tolerance: accepted, trained)
     minus41       every log-prob is -41
-    shift         every log-prob lowered by 0.3 (inside the plausibility bounds: the spot-check's job)
-    scale         every log-prob times 3, minus 0.2
+    shift         every log-prob lowered by 0.5 (inside the plausibility bounds: the spot-check's job)
+    scale         every log-prob times 3, minus 0.4
     other_model   completions and log-probs of another model: the same architecture, differently seeded
 """
 
@@ -54,9 +54,9 @@ def install(mode: str) -> None:
             elif mode == "minus41":
                 _lie_logprobs(gen, lambda x: -41.0)
             elif mode == "shift":
-                _lie_logprobs(gen, lambda x: x - 0.3)
+                _lie_logprobs(gen, lambda x: x - 0.5)
             elif mode == "scale":
-                _lie_logprobs(gen, lambda x: 3 * x - 0.2)
+                _lie_logprobs(gen, lambda x: 3 * x - 0.4)
         return groups
 
     sampler_program.HFBackend.generate = generate
