@@ -23,10 +23,10 @@ from torch import Tensor
 
 from gepo.advantages import group_index
 from gepo.config import LossConfig
+from protocol.group_rules import LOGPROB_SLACK
 
-# Sampler log-probs above this are not log-probs. Exactly 0 is legitimate (a certain token); the slack absorbs
-# rounding in an inference engine's log-softmax.
-_LOGP_SLACK = 1e-5
+# Sampler log-probs above this are not log-probs: the one tolerance intake applies too (protocol/group_rules.py).
+_LOGP_SLACK = LOGPROB_SLACK
 
 # Log importance weights are capped here before exp. Beyond it the weight is e^40 ~ 2e17 and carries no gradient:
 # without the cap, exp overflows float32 past 88, inf * 0 gives NaN gradients (even through clipping or delta, as

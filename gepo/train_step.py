@@ -27,6 +27,8 @@ from gepo.advantages import group_advantages
 from gepo.config import LossConfig
 from gepo.logprobs import token_entropy, token_logprobs
 from gepo.objectives import compute_loss
+from gepo.plausibility import TRAIN_ERROR, GroupGuard
+from protocol.group_rules import group_problem
 
 
 @dataclass
@@ -46,21 +48,18 @@ class ScoredGroup:
     rewards: Sequence[float]
     policy_version: int = 0
 
+    tag: Any = None
+    """Who sent it (the learner's records use it); the trainer ignores it."""
+
     def __post_init__(self) -> None:
-        g = len(self.completion_ids)
-        if g == 0:
-            raise ValueError("a group needs at least one completion")
-        if len(self.prompt_ids) == 0:
-            raise ValueError("a group needs a non-empty prompt")
-        if len(self.sampler_logprobs) != g or len(self.rewards) != g:
-            raise ValueError(
-                f"group has {g} completions but {len(self.sampler_logprobs)} log-prob rows and {len(self.rewards)} rewards"
-            )
-        for i, (ids, lps) in enumerate(zip(self.completion_ids, self.sampler_logprobs)):
-            if len(ids) == 0:
-                raise ValueError(f"completion {i} is empty")
-            if len(ids) != len(lps):
-                raise ValueError(f"completion {i} has {len(ids)} tokens but {len(lps)} log-probs")
+        if len(self.rewards) != len(self.completion_ids):
+            raise ValueError(f"group has {len(self.completion_ids)} completions but {len(self.rewards)} rewards")
+        if not all(math.isfinite(r) for r in self.rewards):
+            raise ValueError(f"rewards must be finite; got {list(self.rewards)[:8]}")
+        # the one definition of a valid group intake applies too (protocol/group_rules.py)
+        problem = group_problem(self.prompt_ids, self.completion_ids, self.sampler_logprobs)
+        if problem is not None:
+            raise ValueError(f"{problem[0].value}: {problem[1]}")
 
     @property
     def size(self) -> int:
@@ -183,6 +182,29 @@ def recompute_logprobs(model: torch.nn.Module, prompt_ids: Sequence[int], comple
     return [lp[i, : len(c)].float().cpu().tolist() for i, c in enumerate(completions)]
 
 
+def _backward(loss: torch.Tensor, accelerator: Any | None) -> None:
+    if accelerator is not None:
+        accelerator.backward(loss)
+    else:
+        loss.backward()
+
+
+def _keep_rows(batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def _renormalise(params: list[torch.Tensor], rows: list[_Row], kept_ids: set[int], by_tokens: bool) -> None:
+    """Scale the gradient as if the step had been normalised by the rows (dapo: tokens) it kept, not all of them
+    (exact for grpo, dr_grpo, dapo, gspo and gepo, which divide by step-wide counts; close for bnpo and delta_l,
+    which normalise per micro-batch)."""
+    size = (lambda r: len(r.completion)) if by_tokens else (lambda r: 1)
+    total = sum(size(r) for r in rows)
+    kept = sum(size(r) for r in rows if r.group in kept_ids)
+    if kept:
+        for p in params:
+            p.grad.mul_(total / kept)
+
+
 def _merge_metrics(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
     """Combine micro-batch metrics: losses add up, maxima take the max, the rest is a row-weighted mean."""
     total_rows = sum(n for _, n in parts)
@@ -210,6 +232,7 @@ def train_step(
     lr_scheduler: Any | None = None,
     accelerator: Any | None = None,
     step_index: int = 0,
+    guard: GroupGuard | None = None,
 ) -> dict[str, float]:
     """Perform one optimizer update on `groups` and return its metrics.
 
@@ -217,6 +240,10 @@ def train_step(
     is normalised by step-wide row and token counts, so the accumulated gradient equals the full-batch gradient.
     With an `accelerate.Accelerator`, backward and clipping go through it and gradient sync happens only on the last
     micro-batch.
+
+    With a `guard` (gepo/plausibility.py), groups whose sampler log-probs contradict the learner's own, and groups of
+    a micro-batch whose loss raises ValueError, are dropped (listed in `guard.rejected` with the reason) and the step
+    goes on with the rest; the gradient is rescaled to the rows kept and the metrics cover only those.
     """
     if not groups:
         raise ValueError("train_step needs at least one group")
@@ -250,44 +277,61 @@ def train_step(
         with sync:
             logits = completion_logits(model, batch)
             logp = token_logprobs(logits, batch["completion_ids"], loss_cfg.temperature, chunk)
+            if guard is not None:
+                keep = guard.screen(logp, batch["sampler_logprobs"], batch["completion_mask"], batch["group_ids"])
+                if not keep.all():
+                    batch, logits, logp = _keep_rows(batch, keep), logits[keep], logp[keep]
+                    mb_rows = [r for r, k in zip(mb_rows, keep.tolist()) if k]
+                if not mb_rows:  # still a backward, so that DDP's gradient sync happens on every rank
+                    _backward(logp.sum() * 0.0, accelerator)
+                    continue
             ref_logp = None
             if loss_cfg.beta > 0:
                 with torch.no_grad():
                     ref_logits = completion_logits(ref_model, batch)
                     ref_logp = token_logprobs(ref_logits, batch["completion_ids"], loss_cfg.temperature, chunk)
-            loss, metrics = compute_loss(
-                logp,
-                batch["sampler_logprobs"],
-                batch["completion_mask"],
-                batch["advantages"],
-                batch["group_ids"],
-                loss_cfg,
-                ref_logp,
-                step_rows=step_rows,
-                step_tokens=step_tokens,
-                num_micro_batches=len(micro_batches),
-            )
+            try:
+                loss, metrics = compute_loss(
+                    logp,
+                    batch["sampler_logprobs"],
+                    batch["completion_mask"],
+                    batch["advantages"],
+                    batch["group_ids"],
+                    loss_cfg,
+                    ref_logp,
+                    step_rows=step_rows,
+                    step_tokens=step_tokens,
+                    num_micro_batches=len(micro_batches),
+                )
+            except ValueError as e:
+                if guard is None:
+                    raise
+                guard.reject(batch["group_ids"].tolist(), TRAIN_ERROR, str(e)[:200])
+                _backward(logp.sum() * 0.0, accelerator)
+                continue
             mask = batch["completion_mask"]
             entropy = token_entropy(logits.detach(), mask, loss_cfg.temperature, chunk)
             metrics["entropy"] = float(entropy.sum() / mask.sum())
-            if accelerator is not None:
-                accelerator.backward(loss)
-            else:
-                loss.backward()
+            _backward(loss, accelerator)
         del logits, logp, loss
         parts.append((metrics, len(mb_rows)))
 
     params = [p for p in model.parameters() if p.grad is not None]
+    kept = [g for gi, g in enumerate(groups) if guard is None or gi not in guard.rejected]
+    if len(kept) < len(groups):
+        _renormalise(params, rows, kept_ids={gi for gi in range(len(groups)) if gi not in guard.rejected},
+                     by_tokens=loss_cfg.resolved_aggregation() == "dapo")
     clip_to = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
     if accelerator is not None:
         grad_norm = accelerator.clip_grad_norm_(params, clip_to)
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_to)
     grad_norm = float(grad_norm)
-    if not math.isfinite(grad_norm):
-        # A non-finite gradient would poison the weights that get published to the whole swarm: skip the update.
+    if not math.isfinite(grad_norm) or not kept:
+        # A non-finite gradient would poison the weights that get published to the whole swarm: skip the update
+        # (and with every group dropped there is nothing to learn from: no momentum or weight-decay step either).
         optimizer.zero_grad(set_to_none=True)
-        skipped = 1.0
+        skipped = float(bool(kept))
     else:
         optimizer.step()
         if lr_scheduler is not None:
@@ -295,20 +339,23 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
         skipped = 0.0
 
-    metrics = _merge_metrics(parts)
+    metrics = _merge_metrics(parts) if parts else {"loss": 0.0}
+    kept_rewards = torch.tensor([r for g in kept for r in g.rewards], dtype=torch.float32)
     metrics.update(
         grad_norm=grad_norm,
         skipped_nonfinite=skipped,
-        reward_mean=float(rewards.mean()),
-        reward_std=float(rewards.std(unbiased=False)),
-        num_groups=float(len(groups)),
-        num_rows=float(step_rows),
-        num_tokens=float(step_tokens),
+        reward_mean=float(kept_rewards.mean()) if kept else 0.0,
+        reward_std=float(kept_rewards.std(unbiased=False)) if kept else 0.0,
+        num_groups=float(len(kept)),
+        num_rows=float(sum(g.size for g in kept)),
+        num_tokens=float(sum(len(c) for g in kept for c in g.completion_ids)),
         num_micro_batches=float(len(micro_batches)),
         lr=float(optimizer.param_groups[0]["lr"]),
         step_time_s=time.perf_counter() - t0,
     )
-    if current_version is not None:
-        lags = torch.tensor([current_version - g.policy_version for g in groups], dtype=torch.float32)
+    if guard is not None:
+        metrics["num_rejected_groups"] = float(len(groups) - len(kept))
+    if current_version is not None and kept:
+        lags = torch.tensor([current_version - g.policy_version for g in kept], dtype=torch.float32)
         metrics.update(staleness_mean=float(lags.mean()), staleness_max=float(lags.max()))
     return metrics

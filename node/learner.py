@@ -30,6 +30,7 @@ from gepo.reward_funcs import RewardRunner, resolve_reward_specs
 from gepo.rewards import RewardConfig
 from node.cli import (ArgumentParser, add_dataclass_args, add_process_args, dataclass_from_args, option,
                       parse_with_recipe, program_name, setup_process)
+from node.intake import Intake, IntakeConfig
 from node.errors import EXIT_INTERRUPTED, EXIT_USAGE, BootstrapError, ConfigError, ModelLoadError, fail
 from node.metrics import GracefulStop, MetricsWriter, StatusLine, quiet_transformers
 from node.preflight import DTYPES, check_dataset, check_model, check_swarm_args, parse_device
@@ -49,7 +50,7 @@ def _import_training_stack() -> None:
     global np, torch, generate_groups, ScoredGroup
     global TrainStepConfig, train_step, RunState, latest_checkpoint, load_optimizer, load_run_state, save_checkpoint
     global load_policy, policy_files, policy_tensors, resolve_device, resolve_dtype, run_file
-    global QuestionSet, RunInfo, ProtocolError, Reason, prompt_hash
+    global QuestionSet, RunInfo, ProtocolError, Reason, prompt_hash, read_sender
     import numpy as np
     import torch
 
@@ -59,7 +60,7 @@ def _import_training_stack() -> None:
     from node.model_io import load_policy, policy_files, policy_tensors, resolve_device, resolve_dtype, run_file
     from node.run_info import QuestionSet, RunInfo
     from protocol.errors import ProtocolError, Reason
-    from protocol.rollout import prompt_hash
+    from protocol.rollout import prompt_hash, read_sender
 
 
 log = logging.getLogger("node.learner")
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "gepo_grouping": GEPO_GROUPINGS, "aggregation": AGGREGATIONS})
     add_dataclass_args(parser, DataConfig, "prompt data", prefix="data_", rename={"source": "dataset"},
                        choices={"answer_format": ANSWER_FORMATS})
+    add_dataclass_args(parser, IntakeConfig, "checks on what samplers send")
     SwarmConfig.add_argparse_args(parser, role="learner")
     return parser
 
@@ -142,14 +144,18 @@ class Learner:
     """Model, optimizer, prompts, rewards and bookkeeping; `run()` picks the rollout source."""
 
     def __init__(self, cfg: LearnerConfig, loss: LossConfig, data: DataConfig, swarm_cfg: Any = None,
-                 stop: GracefulStop | None = None) -> None:
+                 stop: GracefulStop | None = None, intake: IntakeConfig | None = None) -> None:
         _import_training_stack()
         self.cfg = cfg
         self.loss = dataclasses.replace(loss, temperature=cfg.temperature, max_completion_length=cfg.max_new_tokens)
+        self.intake_cfg = intake or IntakeConfig()
+        if not cfg.online and self.loss.delta is None:  # no single group can dominate a step (docs/PROTOCOL.md)
+            self.loss = dataclasses.replace(self.loss, delta=self.intake_cfg.max_group_weight)
         self.data_cfg = data
         self.swarm_cfg = swarm_cfg
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.intake = Intake(self.intake_cfg, self.run_dir)
         torch.manual_seed(cfg.seed)
 
         # Under `accelerate launch` / torchrun (WORLD_SIZE > 1) every rank trains on its share of each step's
@@ -166,7 +172,12 @@ class Learner:
         self.state = RunState()
         checkpoint = latest_checkpoint(self.run_dir) if cfg.resume else None
         if cfg.resume and checkpoint is None:
-            log.warning("--resume: no checkpoint in %s, starting fresh", self.run_dir)
+            published = self._last_published()
+            # Numbering from 0 again would make every sampler's group a `future_version` (and give two policies
+            # one version): continue above whatever was published.
+            self.state.policy_version = 0 if published is None else published + 1
+            log.warning("--resume: no checkpoint in %s, starting fresh weights at version %d", self.run_dir,
+                        self.state.policy_version)
         model_ref = str(checkpoint / "model") if checkpoint else cfg.model
         self.model, self.tokenizer = load_policy(model_ref, self.device, dtype)
         self.model.config.use_cache = False
@@ -273,17 +284,30 @@ class Learner:
     def train(self, groups: list[ScoredGroup], accuracies: list[float], extra: dict[str, float],
               sharded: bool = False) -> dict[str, float]:
         """One optimizer step on `groups` (all of the step's groups, or this rank's share when `sharded`)."""
+        from gepo.plausibility import GroupGuard, PlausibilityConfig
+
         mine = groups if sharded else self._my_share(groups)
+        guard = None if self.cfg.online else GroupGuard(PlausibilityConfig(self.intake_cfg.max_mean_logprob_gap,
+                                                                           self.intake_cfg.max_token_logprob_gap))
         metrics = train_step(self.train_model, self.optimizer, mine, self.step_cfg, pad_token_id=self.pad_id,
-                             current_version=self.version, step_index=self.state.step, accelerator=self.acc)
+                             current_version=self.version, step_index=self.state.step, accelerator=self.acc,
+                             guard=guard)
         self.state.step += 1
         self.state.policy_version += 1
-        self.counters["tokens_trained"] += sum(len(c) for g in mine for c in g.completion_ids)
+        if guard is not None and guard.rejected and self.acc is None:  # metrics cover the groups trained on
+            ends = np.cumsum([0] + [g.size for g in groups])
+            accuracies = [a for i in range(len(groups)) if i not in guard.rejected
+                          for a in accuracies[ends[i]:ends[i + 1]]]
+        if guard is not None and self.is_main:
+            self.intake.after_step(self.state.step, self.version, mine, guard.rejected, guard.details)
+        self.counters["tokens_trained"] += sum(len(c) for i, g in enumerate(mine) for c in g.completion_ids
+                                               if guard is None or i not in guard.rejected)
         metrics["accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0
         metrics["policy_version"] = self.version
         metrics.update(extra)
         metrics.update(self.rewards.step_metrics())
-        lags = [self.version - 1 - g.policy_version for g in groups]
+        lags = [self.version - 1 - g.policy_version for i, g in enumerate(groups)
+                if guard is None or self.acc is not None or i not in guard.rejected]
         metrics["staleness_hist"] = dict(Counter(lags))
         if self.is_main and self.eval_prompts is not None and (self.state.step % self.cfg.eval_every == 0
                                                                or self.state.step == self.cfg.max_steps):
@@ -305,6 +329,7 @@ class Learner:
         save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.state, accelerator=self.acc)
 
     def close(self) -> None:
+        self.intake.close()
         self.rewards.close()
         self.metrics.close()
         self.status.close()
@@ -341,6 +366,8 @@ class Learner:
 
     def _validate(self, data: bytes) -> RolloutGroup:
         """Runs in the swarm's validation thread for every pushed message; raising rejects it with the reason."""
+        if self.intake.is_banned(read_sender(data)):  # before paying for the signature
+            raise ProtocolError(Reason.BANNED, "this sampler failed a check and is banned by this learner")
         group = self.validator.validate(data)
         expected = assign_prompt_index(group.sampler, group.seq, len(self.prompts))
         if group.prompt_index != expected:
@@ -363,10 +390,12 @@ class Learner:
         files = {**policy_files(self.model, self.tokenizer), **run_file(self.run_info().to_json())}
         t0 = time.perf_counter()
         self.swarm.report(step=self.state.step, stale=self.counters["dropped_stale"],  # heartbeat: node.monitor
-                          tokens=self.counters["tokens_trained"],
+                          tokens=self.counters["tokens_trained"], banned=len(self.intake.bans.bans),
+                          rejected=self.swarm.stats().get("rejected", 0) + self.intake.rejected_total(),
                           **milli_counters(reward_mean=self.last_metrics.get("reward_mean"),
                                            staleness_mean=self.last_metrics.get("staleness_mean"),
                                            eval_accuracy=self.last_eval))
+        self.intake.published(self.version, self.model)
         self.swarm.publish_state(self.version, tensors, files=files,
                                  parent=self.version - self.cfg.publish_every if self.version else None)
         self.counters["published"] += 1
@@ -396,25 +425,36 @@ class Learner:
         finally:
             self._broadcast(None)
 
-    def _lead_swarm(self) -> None:
-        from node.learner_swarm import LearnerSwarm
+    def make_validator(self, run_id: str) -> Any:
         from protocol.validate import RolloutValidator, ValidatorConfig
 
         self.validator = RolloutValidator(
-            ValidatorConfig(run_id=self.swarm_cfg.run_id, vocab_size=len(self.tokenizer),
+            ValidatorConfig(run_id=run_id, vocab_size=len(self.tokenizer),
                             max_completion_tokens=self.cfg.max_new_tokens, group_size=self.cfg.group_size,
-                            max_staleness=self.cfg.max_staleness, logprob_tolerance=1e-4),
+                            max_staleness=self.cfg.max_staleness),
             current_version=lambda: self.version,
             prompt_check=self._prompt_matches,
         )
+        return self.validator
+
+    def _lead_swarm(self) -> None:
+        from node.learner_swarm import LearnerSwarm
+
+        self.make_validator(self.swarm_cfg.run_id)
         self.swarm = LearnerSwarm(self.swarm_cfg, validate=self._validate)
         self.swarm.start(print_join=True)
+        if self.intake_cfg.verify_fraction > 0 or self.intake_cfg.verify_first > 0:
+            self.intake.start_verifier(self.model, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, self.pad_id)
         self.publish()
         pending: list[tuple[ScoredGroup, list[float], str]] = []
         last_rollout = time.monotonic()
         while self.state.step < self.cfg.max_steps and not self.stop.requested:
             # Take only what this step still needs: the rest waits in the bounded inbox, whose "busy" answers
             # hold the samplers back instead of letting a backlog (and its staleness) grow here.
+            if banned := self.intake.poll():  # a spot-check failed: what that sampler still has queued goes
+                kept = [p for p in pending if p[0].tag[0] not in banned]
+                self.intake.counts["dropped_banned"] += len(pending) - len(kept)
+                pending = kept
             need = max(1, self.cfg.groups_per_step - len(pending))
             for accepted in self.swarm.get_rollouts(max_items=need, timeout=0.5):
                 last_rollout = time.monotonic()
@@ -436,15 +476,24 @@ class Learner:
 
     def _take(self, group: RolloutGroup, pending: list) -> None:
         """Drop a group that went stale while it waited; score the rest."""
+        if self.intake.drop_if_banned(group.sampler):
+            return
         sampler = group.sampler.hex()[:8]
         lag = self.version - group.policy_version
         if lag > self.cfg.max_staleness:
             self.counters["dropped_stale"] += 1
             self.sampler_stats[sampler]["stale"] += 1
             return
-        scored, acc = self.score(group.prompt_index, group.prompt_ids.tolist(),
-                                 [c.tolist() for c in group.completions()],
-                                 [lp.tolist() for lp in group.completion_logprobs()], group.policy_version)
+        try:
+            scored, acc = self.score(group.prompt_index, group.prompt_ids.tolist(),
+                                     [c.tolist() for c in group.completions()],
+                                     [lp.tolist() for lp in group.completion_logprobs()], group.policy_version)
+        except Exception as exc:  # noqa: BLE001 - one group's failure drops that group, never the learner
+            self.intake.counts["scoring_failed"] += 1
+            log.warning("dropped group #%d of %s: scoring failed: %r", group.seq, sampler, exc)
+            return
+        scored.tag = (group.sampler.hex(), group.seq)
+        self.intake.accepted(group)
         self.counters["groups_accepted"] += 1
         stats = self.sampler_stats[sampler]
         stats["accepted"] += 1
@@ -455,6 +504,7 @@ class Learner:
     def _swarm_metrics(self, batch: list) -> dict[str, Any]:
         rejections = {k: v for k, v in self.validator.counts().items() if k != "accepted"}
         rejections.update(self.rejections)
+        rejections.update(self.intake.rejections())
         swarm = self.swarm.stats()
         per_sampler = Counter(s for _, _, s in batch)
         return {
@@ -465,6 +515,7 @@ class Learner:
             "sampler_totals": {k: dict(v) for k, v in self.sampler_stats.items()},
             "bytes_uploaded": swarm.get("bytes_uploaded", 0),
             "inbox": swarm.get("inbox", 0),
+            "spot_checks": self.intake.checks(),
         }
 
     # ---------------------------------------------------------------------------------------------------------
@@ -484,7 +535,8 @@ class Learner:
     def _rejected_total(self) -> int:
         if not hasattr(self, "validator"):
             return 0
-        return sum(self.validator.rejections.values()) + sum(self.rejections.values())
+        return (sum(self.validator.rejections.values()) + sum(self.rejections.values())
+                + self.intake.rejected_total())
 
     def run(self) -> None:
         if self.state.step >= self.cfg.max_steps:
@@ -516,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclass_from_args(LearnerConfig, args)
         loss = dataclass_from_args(LossConfig, args)
         data = dataclass_from_args(DataConfig, args, prefix="data_")
+        intake = dataclass_from_args(IntakeConfig, args)
         swarm_cfg = SwarmConfig.from_args(args)
         if not cfg.resume:
             check_model(cfg.model)
@@ -532,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     swarm_cfg = swarm_cfg.with_defaults_for_state_dir()
     swarm_cfg = swarm_cfg.replace(inbox_size=min(swarm_cfg.inbox_size, cfg.max_buffered_steps * cfg.groups_per_step))
     try:
-        learner = Learner(cfg, loss, data, swarm_cfg, stop=stop)
+        learner = Learner(cfg, loss, data, swarm_cfg, stop=stop, intake=intake)
     except (ValueError, DataError, ModelLoadError) as exc:  # a bad --model, --dataset or objective setting
         return fail(exc, EXIT_USAGE)
     try:

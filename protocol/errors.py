@@ -53,6 +53,8 @@ class Reason(str, enum.Enum):
     KEY_MISMATCH = "key_mismatch"
     #: A DHT record's expiration time is too far in the future.
     BAD_EXPIRATION = "bad_expiration"
+    #: The sampler failed a check of its log-probs or completions earlier and is banned by this learner.
+    BANNED = "banned"
 
 
 class ProtocolError(Exception):

@@ -23,9 +23,9 @@ import threading
 from collections import Counter, OrderedDict
 from typing import Callable, Collection, Dict, Optional, Sequence
 
-import numpy as np
 
 from .errors import ProtocolError, Reason
+from .group_rules import check_group
 from .identity import short_key
 from .rollout import Limits, RolloutGroup, decode_group, prompt_hash, read_sender
 
@@ -49,8 +49,6 @@ class ValidatorConfig:
     replay_window: int = 4096
     #: replay state is kept for at most this many samplers (least recently seen evicted)
     max_tracked_samplers: int = 65536
-    #: log-probs must be <= this (0.0: no positive log-prob at all) and finite
-    logprob_tolerance: float = 0.0
     max_header_bytes: int = 16 << 10
 
     def limits(self) -> Limits:
@@ -197,16 +195,9 @@ class RolloutValidator:
             )
         if cfg.group_size is not None and g.group_size != cfg.group_size:
             raise ProtocolError(Reason.SHAPE_MISMATCH, f"group of {g.group_size} completions, expected {cfg.group_size}")
-        vocab = cfg.vocab_size
-        # int32 -> uint32 view turns negatives into huge values: one comparison catches both ends
-        if (g.prompt_ids.view(np.uint32).max() >= vocab) or (
-            len(g.completion_ids) and g.completion_ids.view(np.uint32).max() >= vocab
-        ):
-            raise ProtocolError(Reason.TOKEN_OUT_OF_VOCAB, f"token id outside [0, {vocab})")
-        if len(g.logprobs):
-            lo, hi = g.logprobs.min(), g.logprobs.max()  # NaN propagates and fails both comparisons
-            if not (lo > -np.inf and hi <= cfg.logprob_tolerance):
-                raise ProtocolError(Reason.BAD_LOGPROBS, "log-probs must be finite and <= 0")
+        # the one definition of a valid group the trainer applies too (protocol/group_rules.py)
+        check_group(g.prompt_ids, g.completions(), g.completion_logprobs(), vocab_size=cfg.vocab_size,
+                    max_completion_tokens=cfg.max_completion_tokens)
         if self._prompt_check is not None:
             try:
                 ok = self._prompt_check(g.prompt_index, g.prompt_hash)

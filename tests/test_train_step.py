@@ -149,6 +149,11 @@ def test_bad_groups_are_refused_with_clear_errors():
     model = tiny_model()
     with pytest.raises(ValueError, match="at least one group"):
         train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), [], TrainStepConfig())
-    nan_group = ScoredGroup([1, 2], [[3, 4], [5, 6]], [[-1.0, float("nan")], [-1.0, -1.0]], [1.0, 0.0], 0)
-    with pytest.raises(ValueError):
-        train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), [nan_group], TrainStepConfig())
+    # the rules intake applies (protocol/group_rules.py): NaN or positive log-probs never reach the loss
+    with pytest.raises(ValueError, match="bad_logprobs"):
+        ScoredGroup([1, 2], [[3, 4], [5, 6]], [[-1.0, float("nan")], [-1.0, -1.0]], [1.0, 0.0], 0)
+    with pytest.raises(ValueError, match="bad_logprobs"):
+        ScoredGroup([1, 2], [[3, 4]], [[-1.0, 2e-4]], [1.0], 0)
+    # ... and what intake accepts (a log-prob within the slack above 0) trains
+    slack = ScoredGroup([1, 2], [[3, 4], [5, 6]], [[-1.0, 5e-5], [-1.0, -1.0]], [1.0, 0.0], 0)
+    train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), [slack], TrainStepConfig())
