@@ -232,7 +232,7 @@ def test_help_gives_every_flag_a_default(program):
 
 def test_help_lists_choices():
     text = help_text("learner")
-    for choices in ("{grpo,bnpo,dr_grpo,dapo,gspo,gepo,delta_l}", "{auto,group,batch,none}", "{prompt,micro_batch}",
+    for choices in ("{grpo,bnpo,dr_grpo,dapo,gspo,gepo,delta_l,tis,cispo,m2po}", "{auto,group,batch,none}", "{prompt,micro_batch}",
                     "{auto,delta_l}", "{auto,float32,bfloat16,float16}"):
         assert choices in text, choices
     assert "cpu, cuda, cuda:N or auto" in text
