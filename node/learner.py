@@ -155,13 +155,16 @@ class Learner:
             self.state = load_run_state(checkpoint)
             log.info("resumed from %s at step %d, policy version %d", checkpoint, self.state.step,
                      self.state.policy_version)
-            published = self._last_published()
-            if published is not None and published > self.state.policy_version:
-                # Versions after the checkpoint were published with weights that are now lost: numbering them
-                # again would give samplers two different policies under one version.
-                log.warning("versions up to %d were published after this checkpoint; continuing at version %d",
-                            published, published + 1)
-                self.state.policy_version = published + 1
+        from node.publish_guard import PublishGuard  # (here, not in the import block other work edits)
+
+        self.publish_guard = PublishGuard(self.run_dir)
+        published = self.publish_guard.highest()  # with or without a checkpoint
+        if published is not None and published > self.state.policy_version:
+            # Versions after the checkpoint were published with weights that are now lost: numbering them
+            # again would give samplers two different policies under one version.
+            log.warning("versions up to %d may have been published after this checkpoint; continuing at version %d",
+                        published, published + 1)
+            self.state.policy_version = published + 1
         self.counters: Counter = Counter(self.state.counters.get("counters", {}))
         self.rejections: Counter = Counter(self.state.counters.get("rejections", {}))
 
@@ -331,10 +334,6 @@ class Learner:
     def _prompt_matches(self, index: int, digest: bytes) -> bool:
         return 0 <= index < len(self.prompts) and prompt_hash(self.prompt_ids(index)) == digest
 
-    def _last_published(self) -> int | None:
-        marker = self.run_dir / "published_version"
-        return int(marker.read_text()) if marker.is_file() else None
-
     def publish(self) -> None:
         from protocol.records import milli_counters
 
@@ -346,12 +345,12 @@ class Learner:
                           **milli_counters(reward_mean=self.last_metrics.get("reward_mean"),
                                            staleness_mean=self.last_metrics.get("staleness_mean"),
                                            eval_accuracy=self.last_eval))
+        guard = self.publish_guard
+        guard.before_visible(self.version)  # write-ahead: a kill from here on never lets this number be reused
         self.swarm.publish_state(self.version, tensors, files=files,
                                  parent=self.version - self.cfg.publish_every if self.version else None)
+        guard.after_visible(self.version)
         self.counters["published"] += 1
-        marker = self.run_dir / "published_version"
-        marker.with_suffix(".tmp").write_text(str(self.version))
-        os.replace(marker.with_suffix(".tmp"), marker)
         log.debug("published version %d in %.2fs", self.version, time.perf_counter() - t0)
 
     def _broadcast(self, obj: Any) -> Any:
