@@ -8,7 +8,6 @@ Every process a test starts is stopped by PID in ``finally`` (see tests/swarm_he
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -66,5 +65,87 @@ def test_sampler_waits_for_a_down_learner_and_finds_a_restarted_one_at_once(tmp_
         st = settle(restarted, [sampler])
         assert rollouts(learner, restarted) == {(key, q): 1 for q in range(10)}
         assert st.get("accepted", 0) == 5, st
+    finally:
+        stop_all(procs)
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_exit_on_unreachable_exits_3_with_one_line(tmp_path):
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/QmePnUA6qkWQqWEVyLoAETKNBXxdwQ7Ej1d5RErd1RVYFr"
+    out = run_cli("-m", "node.sampler", "--peers", dead, "--state-dir", str(tmp_path / "s"), "--exit-on-unreachable",
+                  *LOOPBACK)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 3 and len(errors) == 1, out.stderr[-3000:]
+    assert "bootstrap" in errors[0] and "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def learner_cmd(run_dir, port: int, *extra: str) -> list[str]:
+    return ["-m", "node.learner", "--run-dir", str(run_dir), "--run-id", "restart", "--group-size", "4",
+            "--groups-per-step", "2", "--eval-every", "0", "--reward-workers", "1", "--no-tensorboard",
+            "--torch-threads", "1", "--max-steps", "1000", "--checkpoint-every", "1000", "--max-staleness", "4",
+            *LOOPBACK, "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}", *extra]
+
+
+def paused(point: str) -> dict[str, str]:
+    return {**os.environ, "GEPO_TEST_PAUSE_AT": point}
+
+
+def test_learner_killed_inside_publish_never_reuses_a_version(tmp_path):
+    """The real programs: a sampler started while the learner is down waits for it; the learner is SIGKILLed after
+    version 2 became visible but before it was recorded as published; restarted (--resume, no checkpoint), it
+    continues at version 3, and the sampler, which stayed up, delivers to it again. An observer that holds every
+    version it sees (SHA-256 of the weights) never sees two weight sets under one number."""
+    port = free_port()
+    run_dir = tmp_path / "learner"
+    procs = []
+    try:
+        # First life: only long enough to create its identity; it is killed before publishing anything.
+        first = Proc(learner_cmd(run_dir, port), tmp_path / "learner-1.log", env=paused("publish:before_visible@0"))
+        procs.append(first)
+        join = join_args(first)
+        first.wait_for(r"paused at publish:before_visible \(version 0\)", 120)
+        first.kill()
+        key = join[join.index("--learner-key") + 1]
+        maddr = join[join.index("--peers") + 1]
+
+        sampler = Proc(["-m", "node.sampler", *join, "--state-dir", str(tmp_path / "s"), "--batch-prompts", "2",
+                        "--torch-threads", "1", *LOOPBACK], tmp_path / "sampler.log")
+        observer = NodeProc(["sampler", "--state", str(tmp_path / "obs"), "--run-id", "restart", "--peers", maddr,
+                             "--learner-key", key, "--keep-trying", "--no-swarming"], tmp_path / "observer.log")
+        procs += [sampler, observer]
+        sampler.wait_for(r"learner unreachable since \d+ s, retrying", 120)
+        assert sampler.popen.poll() is None, sampler.tail()
+
+        # Second life: trains on the waiting sampler's rollouts; killed inside the publish of version 2.
+        second = Proc(learner_cmd(run_dir, port, "--resume"), tmp_path / "learner-2.log",
+                      env=paused("publish:after_visible@2"))
+        procs.append(second)
+        second.wait_for(r"paused at publish:after_visible \(version 2\)", 180)
+        v2 = observer.wait_event("version", 60, v=2)["sha"]
+        second.kill()
+        assert (run_dir / "publishing_version").read_text() == "2"
+        assert (run_dir / "published_version").read_text() == "1"
+
+        # Third life: continues above 2; the sampler stayed up and delivers again (a new version needs its groups).
+        third = Proc(learner_cmd(run_dir, port, "--resume"), tmp_path / "learner-3.log")
+        procs.append(third)
+        third.wait_for(r"continuing at version 3", 120)
+        t0 = time.monotonic()
+        wait_until(lambda: any(ev.get("event") == "version" and ev["v"] >= 4 for ev in observer.history), 120,
+                   "a version trained on groups delivered to the restarted learner")
+        print(f"restarted learner: version 4 (trained on the sampler's groups) held {time.monotonic() - t0:.1f} s "
+              f"after its start was logged")
+        assert sampler.popen.poll() is None, sampler.tail()
+
+        shas: dict[int, set[str]] = {}
+        for ev in observer.history:
+            if ev.get("event") == "version":
+                shas.setdefault(ev["v"], set()).add(ev["sha"])
+        assert shas[2] == {v2}
+        assert all(len(s) == 1 for s in shas.values()), shas
+        assert int((run_dir / "published_version").read_text()) >= 4
     finally:
         stop_all(procs)
