@@ -160,9 +160,9 @@ class Learner:
         self.publish_guard = PublishGuard(self.run_dir)
         published = self.publish_guard.highest()  # with or without a checkpoint
         if published is not None and published > self.state.policy_version:
-            # Versions after the checkpoint were published with weights that are now lost: numbering them
-            # again would give samplers two different policies under one version.
-            log.warning("versions up to %d may have been published after this checkpoint; continuing at version %d",
+            # Versions after the checkpoint (if any) were shown to the swarm with weights that are now lost:
+            # numbering them again would give samplers two different policies under one version.
+            log.warning("versions up to %d may have been shown to the swarm already; continuing at version %d",
                         published, published + 1)
             self.state.policy_version = published + 1
         self.counters: Counter = Counter(self.state.counters.get("counters", {}))

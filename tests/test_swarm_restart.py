@@ -14,7 +14,11 @@ import time
 
 import pytest
 
-from node.local import LOOPBACK, REPO, Proc, join_args
+from hivemind.p2p import P2P, PeerID
+
+from node.local import LOOPBACK, REPO, Proc
+from node.metrics import read_metrics
+from protocol.identity import Identity
 from tests.swarm_helpers.procs import NodeProc, free_port, rollouts, settle, stop_all, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -95,21 +99,22 @@ def paused(point: str) -> dict[str, str]:
 
 def test_learner_killed_inside_publish_never_reuses_a_version(tmp_path):
     """The real programs: a sampler started while the learner is down waits for it; the learner is SIGKILLed after
-    version 2 became visible but before it was recorded as published; restarted (--resume, no checkpoint), it
-    continues at version 3, and the sampler, which stayed up, delivers to it again. An observer that holds every
-    version it sees (SHA-256 of the weights) never sees two weight sets under one number."""
+    version 2 became visible but before it was recorded as published; restarted (--resume, no checkpoint: only the
+    markers remember what the swarm saw), it continues at version 3, and the sampler, which stayed up, delivers to it
+    again. An observer that holds every version it sees (SHA-256 of the weights) never sees two weight sets under one
+    number."""
     port = free_port()
     run_dir = tmp_path / "learner"
     procs = []
     try:
-        # First life: only long enough to create its identity; it is killed before publishing anything.
-        first = Proc(learner_cmd(run_dir, port), tmp_path / "learner-1.log", env=paused("publish:before_visible@0"))
-        procs.append(first)
-        join = join_args(first)
-        first.wait_for(r"paused at publish:before_visible \(version 0\)", 120)
-        first.kill()
-        key = join[join.index("--learner-key") + 1]
-        maddr = join[join.index("--peers") + 1]
+        # The learner's identities exist before its first start (as after an earlier life), so the sampler can be
+        # given the join arguments while the learner is down.
+        (run_dir / "swarm").mkdir(parents=True)
+        P2P.generate_identity(str(run_dir / "swarm" / "p2p_identity.key"))
+        peer_id = PeerID.from_identity((run_dir / "swarm" / "p2p_identity.key").read_bytes()).to_base58()
+        key = Identity.load_or_create(str(run_dir / "swarm" / "ed25519.key")).public_key_str
+        maddr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id}"
+        join = ["--run-id", "restart", "--peers", maddr, "--learner-key", key]
 
         sampler = Proc(["-m", "node.sampler", *join, "--state-dir", str(tmp_path / "s"), "--batch-prompts", "2",
                         "--torch-threads", "1", *LOOPBACK], tmp_path / "sampler.log")
@@ -119,25 +124,26 @@ def test_learner_killed_inside_publish_never_reuses_a_version(tmp_path):
         sampler.wait_for(r"learner unreachable since \d+ s, retrying", 120)
         assert sampler.popen.poll() is None, sampler.tail()
 
-        # Second life: trains on the waiting sampler's rollouts; killed inside the publish of version 2.
-        second = Proc(learner_cmd(run_dir, port, "--resume"), tmp_path / "learner-2.log",
-                      env=paused("publish:after_visible@2"))
-        procs.append(second)
-        second.wait_for(r"paused at publish:after_visible \(version 2\)", 180)
+        # First life: trains on the waiting sampler's rollouts; killed inside the publish of version 2.
+        first = Proc(learner_cmd(run_dir, port, "--resume"), tmp_path / "learner-1.log",
+                     env=paused("publish:after_visible@2"))
+        procs.append(first)
+        first.wait_for(r"paused at publish:after_visible \(version 2\)", 180)
         v2 = observer.wait_event("version", 60, v=2)["sha"]
-        second.kill()
+        first.kill()
         assert (run_dir / "publishing_version").read_text() == "2"
         assert (run_dir / "published_version").read_text() == "1"
 
-        # Third life: continues above 2; the sampler stayed up and delivers again (a new version needs its groups).
-        third = Proc(learner_cmd(run_dir, port, "--resume"), tmp_path / "learner-3.log")
-        procs.append(third)
-        third.wait_for(r"continuing at version 3", 120)
+        # Second life: continues above 2; the sampler stayed up and delivers again (a new version needs its groups).
+        second = Proc(learner_cmd(run_dir, port, "--resume"), tmp_path / "learner-2.log")
+        procs.append(second)
+        second.wait_for(r"continuing at version 3", 120)
+        second.wait_for(r"samplers join with", 120)  # its swarm is up
         t0 = time.monotonic()
         wait_until(lambda: any(ev.get("event") == "version" and ev["v"] >= 4 for ev in observer.history), 120,
                    "a version trained on groups delivered to the restarted learner")
         print(f"restarted learner: version 4 (trained on the sampler's groups) held {time.monotonic() - t0:.1f} s "
-              f"after its start was logged")
+              f"after its swarm was up")
         assert sampler.popen.poll() is None, sampler.tail()
 
         shas: dict[int, set[str]] = {}
@@ -147,5 +153,8 @@ def test_learner_killed_inside_publish_never_reuses_a_version(tmp_path):
         assert shas[2] == {v2}
         assert all(len(s) == 1 for s in shas.values()), shas
         assert int((run_dir / "published_version").read_text()) >= 4
+        # every step of both lives trained and published a new number (the first life's 1 and 2, then 4, 5, ...)
+        versions = [m["policy_version"] for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m]
+        assert versions[:2] == [1, 2] and all(b > a for a, b in zip(versions, versions[1:])), versions
     finally:
         stop_all(procs)
