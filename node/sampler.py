@@ -130,15 +130,14 @@ class Sampler:
         self.stop = stop or GracefulStop()
 
     def start(self) -> None:
-        if not self.cfg.exit_on_unreachable:
-            self.swarm.start()
-            while self.swarm.learner is None and not self.stop.requested:  # the swarm re-dials with back-off
-                self.status.update(f"learner unreachable since {self.swarm.unreachable_for() or 0:.0f} s, retrying")
-                time.sleep(0.2)
+        def waiting(seconds: float) -> None:  # the swarm re-dials with back-off meanwhile
             if self.stop.requested:
                 raise KeyboardInterrupt
+            self.status.update(f"learner unreachable since {seconds:.0f} s, retrying")
+
         try:
-            self.swarm.start(wait_for_learner=self.cfg.wait_learner)
+            self.swarm.start(wait_for_learner=self.cfg.wait_learner if self.cfg.exit_on_unreachable else float("inf"),
+                             on_waiting=waiting)
         except TimeoutError:
             pinned = (f"; only a learner signing with --learner-key {self.swarm_cfg.learner_key} is trusted: is that "
                       f"the key the learner printed?" if self.swarm_cfg.learner_key else "")

@@ -161,11 +161,14 @@ class SamplerSwarm:
     def learner_key(self) -> Optional[str]:
         return None if self.trusted_key is None else format_public_key(self.trusted_key)
 
-    def start(self, wait_for_learner: Optional[float] = None) -> "SamplerSwarm":
+    def start(self, wait_for_learner: Optional[float] = None,
+              on_waiting: Optional[Callable[[float], None]] = None) -> "SamplerSwarm":
         """Join the swarm and start the background tasks. With ``wait_for_learner``, also wait up to that many
         seconds for the learner's heartbeat (raises TimeoutError if none). Built with ``keep_trying=True``, a start
         while every bootstrap peer is down does not raise BootstrapError: the node starts alone and re-dials them
-        with back-off (``REJOIN_MIN`` doubling to ``REJOIN_MAX`` s) until the learner's record is found."""
+        with back-off (``REJOIN_MIN`` doubling to ``REJOIN_MAX`` s) until the learner's record is found
+        (``wait_for_learner=math.inf`` waits for that). ``on_waiting(seconds_unreachable)`` is called in the calling
+        thread about 20 times a second while waiting (a status line; it may raise to give up)."""
         with self._lock:
             if not self._started:
                 self.node.start()
@@ -182,6 +185,8 @@ class SamplerSwarm:
             while self.learner is None:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"no learner heartbeat found within {wait_for_learner:.0f} s")
+                if on_waiting is not None:
+                    on_waiting(self.unreachable_for() or 0.0)
                 time.sleep(0.05)
         return self
 

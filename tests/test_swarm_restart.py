@@ -45,7 +45,8 @@ def test_sampler_waits_for_a_down_learner_and_finds_a_restarted_one_at_once(tmp_
         learner = NodeProc(largs, tmp_path / "learner-2.log")
         procs.append(learner)
         learner.wait_event("ready", 90)
-        key = sampler.wait_event("joined", 60)["key"].split(":")[1]  # back-off: at most 30 s after the learner came up (here a few)
+        # back-off: found at most 30 s after the learner came up (here a few)
+        key = sampler.wait_event("joined", 60)["key"].split(":")[1]
         sampler.request("submit", start=0, n=5)
         settle(learner, [sampler])
 

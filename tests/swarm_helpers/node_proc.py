@@ -8,9 +8,9 @@ are tiny but real (signed :class:`protocol.rollout.RolloutGroup`), validated by 
 :class:`protocol.validate.RolloutValidator` on the learner.
 
 Commands: ``publish {v, size, chunk}`` (learner), ``submit {start, n, bad}`` (sampler), ``stats``.
-Events: ``ready`` (learner) / ``joined`` (sampler) at start (``--keep-trying``: ``waiting`` first), ``publish``, ``rollout`` (each group the learner's
-trainer side takes), ``version`` (each version a sampler holds, with the SHA-256 of its bytes), ``submit``,
-``stats``. The learner's ``stats`` event comes after the ``rollout`` events of every group taken so far, so a
+Events: ``ready`` (learner) / ``joined`` (sampler) at start (with ``--keep-trying``, ``waiting`` before it), ``publish``,
+``rollout`` (each group the learner's trainer side takes), ``version`` (each version a sampler holds, with the SHA-256
+of its bytes), ``submit``, ``stats``. The learner's ``stats`` event comes after the ``rollout`` events of every group taken so far, so a
 ``stats`` answer with an empty inbox means every accepted group has been reported. SIGTERM shuts the node down
 gracefully.
 """
