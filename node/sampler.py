@@ -195,6 +195,9 @@ class Sampler:
         """Back-pressure: a learner that trains slower than the swarm samples answers "busy"; generating more
         meanwhile would only produce stale rollouts."""
         while len(self.swarm.outbox) >= self.cfg.max_pending and not self.stop.requested:
+            down = self.swarm.unreachable_for()
+            if down is not None:  # e.g. the learner is restarting: say so while this sampler holds back
+                self.status.update(f"learner unreachable since {down:.0f} s, retrying")
             time.sleep(0.1)
 
     def step(self) -> int:
