@@ -115,6 +115,33 @@ def prefer_public(maddrs: Sequence[Any]) -> List[str]:
     return sorted(items, key=loopback)
 
 
+async def tcp_port_open(maddrs: Iterable[str], timeout: float = 2.0) -> Optional[bool]:
+    """Whether any ``/ip4|ip6/<host>/tcp/<port>`` address among ``maddrs`` accepts a plain TCP connection (None: no
+    such address). Used to probe a peer that is down before dialling it through libp2p: every failed libp2p dial
+    lengthens the daemon's per-peer dial backoff (5 s + 1 s x failures², up to 5 min), which would keep a restarted
+    learner unreachable long after it is back; a refused plain connection costs nothing."""
+    targets = []
+    for text in maddrs:
+        try:
+            m = Multiaddr(str(text))
+            host = m["ip4"] if "/ip4/" in str(m) else m["ip6"]
+            targets.append((host, int(m["tcp"])))
+        except Exception:
+            continue
+    if not targets:
+        return None
+
+    async def probe(host: str, port: int) -> bool:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        writer.close()
+        return True
+
+    return any(await asyncio.gather(*(probe(h, p) for h, p in targets)))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the forked DHT process
 

@@ -37,7 +37,7 @@ from protocol.records import Ed25519OwnerValidator, LearnerHeartbeat
 
 from .chunk_server import ChunkServer
 from .config import SwarmConfig
-from .dht import SwarmNode
+from .dht import SwarmNode, tcp_port_open
 from .loop import snapshot, wait_event
 from .fetcher import Blacklist, FetchStats, VersionFetcher
 from .outbox import Outbox, OutboxFull
@@ -277,7 +277,7 @@ class SamplerSwarm:
                 else:
                     reached = 0
                     peer = self._learner_peer()
-                    if peer is not None:
+                    if peer is not None and await tcp_port_open(peer[1]) is not False:  # see tcp_port_open
                         reached = await self.node.reach([peer])
                     if not reached and time.monotonic() >= next_rejoin and self.node.bootstrap_peers:
                         logger.info("learner %s; re-dialing the bootstrap peers (next try in %.0f s)",
@@ -396,6 +396,8 @@ class SamplerSwarm:
         if peer is None:
             return 1.0
         peer_id, maddrs = peer
+        if self._send_failing and await tcp_port_open(maddrs) is False:  # no libp2p dial (and its backoff) in vain
+            raise WireError(f"the learner's port is closed ({' '.join(maddrs)})")
         await self.node.connect(peer_id, maddrs)
         reader, writer = await open_stream(self.node.p2p, peer_id, proto_name(cfg.run_id, "rollouts"),
                                            timeout=cfg.connect_timeout)
