@@ -267,8 +267,10 @@ class SamplerSwarm:
     async def _watch_loop(self) -> None:
         """Re-read the learner record every ``poll_interval``. When it is missing or suspect, dial the learner's
         last address at once on every poll (a learner restarted on its address is found within one poll) and the
-        bootstrap peers with back-off (a learner that moved, or a start while everything was down)."""
+        bootstrap peers with back-off (a learner that moved, or a start while everything was down), or at once when
+        a bootstrap peer's TCP port that was closed opens."""
         backoff, next_rejoin = REJOIN_MIN, 0.0
+        bootstrap_open: Optional[bool] = None  # last probe of the bootstrap peers' TCP ports
         while True:
             try:
                 found = await self._poll_learner()
@@ -279,10 +281,19 @@ class SamplerSwarm:
                     peer = self._learner_peer()
                     if peer is not None and await tcp_port_open(peer[1]) is not False:  # see tcp_port_open
                         reached = await self.node.reach([peer])
-                    if not reached and time.monotonic() >= next_rejoin and self.node.bootstrap_peers:
-                        logger.info("learner %s; re-dialing the bootstrap peers (next try in %.0f s)",
-                                    "record not found" if not found else "not answering", backoff)
-                        reached = await self.node.rejoin()
+                    opened = False
+                    if not reached and self.node.bootstrap_peers:  # a port that just opened: re-dial at once
+                        was, bootstrap_open = bootstrap_open, await tcp_port_open(
+                            [str(m) for m, _ in self.node.bootstrap_peers])
+                        opened = bootstrap_open is True and was is False
+                    if not reached and self.node.bootstrap_peers and (opened or time.monotonic() >= next_rejoin):
+                        closed = bootstrap_open is False  # then no libp2p dial: it would only grow the backoff
+                        logger.info("learner %s; %s (next try in %.0f s)",
+                                    "record not found" if not found else "not answering",
+                                    "the bootstrap peers' ports are closed" if closed
+                                    else "re-dialing the bootstrap peers", backoff)
+                        if not closed:
+                            reached = await self.node.rejoin()
                         next_rejoin = time.monotonic() + backoff
                         backoff = min(REJOIN_MAX, backoff * 2)
                     if reached:
