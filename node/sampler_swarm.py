@@ -286,6 +286,8 @@ class SamplerSwarm:
                         was, bootstrap_open = bootstrap_open, await tcp_port_open(
                             [str(m) for m, _ in self.node.bootstrap_peers])
                         opened = bootstrap_open is True and was is False
+                        if opened:  # the peer is starting: its DHT and learner record follow within seconds
+                            backoff = REJOIN_MIN
                     if not reached and self.node.bootstrap_peers and (opened or time.monotonic() >= next_rejoin):
                         closed = bootstrap_open is False  # then no libp2p dial: it would only grow the backoff
                         logger.info("learner %s; %s (next try in %.0f s)",
