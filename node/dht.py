@@ -108,6 +108,33 @@ def prefer_public(maddrs: Sequence[Any]) -> List[str]:
     return sorted(items, key=loopback)
 
 
+async def tcp_port_open(maddrs: Iterable[str], timeout: float = 2.0) -> Optional[bool]:
+    """Whether any ``/ip4|ip6/<host>/tcp/<port>`` address among ``maddrs`` accepts a plain TCP connection (None: no
+    such address). Used to probe a peer that is down before dialling it through libp2p: every failed libp2p dial
+    lengthens the daemon's per-peer dial backoff (5 s + 1 s x failures², up to 5 min), which would keep a restarted
+    learner unreachable long after it is back; a refused plain connection costs nothing."""
+    targets = []
+    for text in maddrs:
+        try:
+            m = Multiaddr(str(text))
+            host = m["ip4"] if "/ip4/" in str(m) else m["ip6"]
+            targets.append((host, int(m["tcp"])))
+        except Exception:
+            continue
+    if not targets:
+        return None
+
+    async def probe(host: str, port: int) -> bool:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        writer.close()
+        return True
+
+    return any(await asyncio.gather(*(probe(h, p) for h, p in targets)))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the forked DHT process
 
@@ -170,8 +197,11 @@ class SwarmNode:
         record_validators: Sequence[Any] = (),
         loop: Optional[LoopThread] = None,
         dht_kwargs: Optional[Dict[str, Any]] = None,
+        require_bootstrap: bool = True,
     ):
         self.config = config
+        # False: if no bootstrap peer answers, start alone (warning) and let the caller retry with reach()/rejoin()
+        self.require_bootstrap = require_bootstrap
         self.record_validators = list(record_validators)
         self.loop = loop or LoopThread()
         self.p2p: Optional[P2P] = None
@@ -277,10 +307,11 @@ class SwarmNode:
             else:
                 logger.warning("bootstrap peer %s is unreachable (%s); skipping it", maddr, err)
         if not live:
-            raise BootstrapError(
-                "none of the bootstrap peers could be reached: "
-                + "; ".join(f"{m} ({e})" for (m, _), e in zip(self.bootstrap_peers, errors))
-            )
+            why = "none of the bootstrap peers could be reached: " + "; ".join(
+                f"{m} ({e})" for (m, _), e in zip(self.bootstrap_peers, errors))
+            if self.require_bootstrap:
+                raise BootstrapError(why)
+            logger.warning("%s; starting alone and retrying", why)
         return live
 
     def _start_dht(self) -> None:
@@ -334,18 +365,18 @@ class SwarmNode:
             return False
 
     async def rejoin(self) -> int:
-        """Ping the bootstrap peers again (after a network hiccup or when the learner restarted)."""
-        if not self.bootstrap_peers:
+        """Ping the bootstrap peers again (after a network hiccup, a start while they were all down, or when the
+        learner restarted); returns how many answered."""
+        return await self.reach([(peer_id, [str(maddr)]) for maddr, peer_id in self.bootstrap_peers])
+
+    async def reach(self, peers: Sequence[Tuple[PeerID, Sequence[str]]]) -> int:
+        """Dial each peer (bounded) and ping the ones that answered into the DHT routing table, so that DHT reads
+        reach them again; returns how many answered the ping. Never raises."""
+        dialled = await asyncio.gather(*(self.connect(p, m) for p, m in peers))
+        live = [p for (p, _), ok in zip(peers, dialled) if ok]
+        if not live or self.dht is None:
             return 0
-        for maddr, peer_id in self.bootstrap_peers:
-            try:
-                await asyncio.wait_for(
-                    self.p2p._client.connect(peer_id, [_transport_part(maddr, peer_id)]),  # noqa: SLF001
-                    self.config.connect_timeout,
-                )
-            except Exception:
-                pass
-        fut = self.dht.run_coroutine(_PingPeers([p for _, p in self.bootstrap_peers]), return_future=True)
+        fut = self.dht.run_coroutine(_PingPeers(live), return_future=True)
         try:
             return int(await asyncio.wait_for(_await_mp(fut), self.config.dht_timeout))
         except Exception:

@@ -171,13 +171,8 @@ class Learner:
         dtype = resolve_dtype(cfg.dtype, self.device)
         self.state = RunState()
         checkpoint = latest_checkpoint(self.run_dir) if cfg.resume else None
-        if cfg.resume and checkpoint is None:
-            published = self._last_published()
-            # Numbering from 0 again would make every sampler's group a `future_version` (and give two policies
-            # one version): continue above whatever was published.
-            self.state.policy_version = 0 if published is None else published + 1
-            log.warning("--resume: no checkpoint in %s, starting fresh weights at version %d", self.run_dir,
-                        self.state.policy_version)
+        if cfg.resume and checkpoint is None:  # the version numbering still continues (publish guard below)
+            log.warning("--resume: no checkpoint in %s, starting from fresh weights", self.run_dir)
         model_ref = str(checkpoint / "model") if checkpoint else cfg.model
         self.model, self.tokenizer = load_policy(model_ref, self.device, dtype)
         self.model.config.use_cache = False
@@ -187,13 +182,16 @@ class Learner:
             self.state = load_run_state(checkpoint)
             log.info("resumed from %s at step %d, policy version %d", checkpoint, self.state.step,
                      self.state.policy_version)
-            published = self._last_published()
-            if published is not None and published > self.state.policy_version:
-                # Versions after the checkpoint were published with weights that are now lost: numbering them
-                # again would give samplers two different policies under one version.
-                log.warning("versions up to %d were published after this checkpoint; continuing at version %d",
-                            published, published + 1)
-                self.state.policy_version = published + 1
+        from node.publish_guard import PublishGuard  # (here, not in the import block other work edits)
+
+        self.publish_guard = PublishGuard(self.run_dir)
+        published = self.publish_guard.highest()  # with or without a checkpoint
+        if published is not None and published > self.state.policy_version:
+            # Versions after the checkpoint (if any) were shown to the swarm with weights that are now lost:
+            # numbering them again would give samplers two different policies under one version.
+            log.warning("versions up to %d may have been shown to the swarm already; continuing at version %d",
+                        published, published + 1)
+            self.state.policy_version = published + 1
         self.counters: Counter = Counter(self.state.counters.get("counters", {}))
         self.rejections: Counter = Counter(self.state.counters.get("rejections", {}))
 
@@ -379,10 +377,6 @@ class Learner:
     def _prompt_matches(self, index: int, digest: bytes) -> bool:
         return 0 <= index < len(self.prompts) and prompt_hash(self.prompt_ids(index)) == digest
 
-    def _last_published(self) -> int | None:
-        marker = self.run_dir / "published_version"
-        return int(marker.read_text()) if marker.is_file() else None
-
     def publish(self) -> None:
         from protocol.records import milli_counters
 
@@ -396,12 +390,12 @@ class Learner:
                                            staleness_mean=self.last_metrics.get("staleness_mean"),
                                            eval_accuracy=self.last_eval))
         self.intake.published(self.version, self.model)
+        guard = self.publish_guard
+        guard.before_visible(self.version)  # write-ahead: a kill from here on never lets this number be reused
         self.swarm.publish_state(self.version, tensors, files=files,
                                  parent=self.version - self.cfg.publish_every if self.version else None)
+        guard.after_visible(self.version)
         self.counters["published"] += 1
-        marker = self.run_dir / "published_version"
-        marker.with_suffix(".tmp").write_text(str(self.version))
-        os.replace(marker.with_suffix(".tmp"), marker)
         log.debug("published version %d in %.2fs", self.version, time.perf_counter() - t0)
 
     def _broadcast(self, obj: Any) -> Any:

@@ -64,7 +64,9 @@ class SamplerConfig:
     delay_lower: float = option(60.0, "simulated delay: lower bound in seconds (fixed: the delay itself)")
     delay_upper: float = option(1920.0, "simulated delay: upper bound in seconds")
     delay_offset: float = option(400.0, "simulated delay: d = clip(T - offset, lower, upper) as in the paper")
-    wait_learner: float = option(60.0, "seconds to wait for the learner's heartbeat at start")
+    exit_on_unreachable: bool = option(False, "exit (code 3) when the learner cannot be reached at start, instead "
+                                              "of waiting for it and retrying with back-off (1 s doubling to 30 s)")
+    wait_learner: float = option(60.0, "with --exit-on-unreachable: seconds to wait for the learner's heartbeat")
     wait_weights: float = option(300.0, "seconds to wait for the first complete policy version")
     max_groups: int = option(0, "stop after sending this many groups (0: run until interrupted)")
     max_pending: int = option(8, "pause generation while this many groups wait for the learner (back-pressure: "
@@ -129,7 +131,7 @@ class Sampler:
         self.swarm_cfg = swarm_cfg
         self.state_dir = Path(swarm_cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.swarm = SamplerSwarm(swarm_cfg)
+        self.swarm = SamplerSwarm(swarm_cfg, keep_trying=not cfg.exit_on_unreachable)
         self.seqs = SequenceCounter(self.state_dir / "sequence.txt")
         self.delay = DelayModel(cfg.simulate_delay, cfg.delay_lower, cfg.delay_upper, cfg.delay_offset)
         self.rng = np.random.default_rng(cfg.seed)
@@ -143,8 +145,14 @@ class Sampler:
         self.stop = stop or GracefulStop()
 
     def start(self) -> None:
+        def waiting(seconds: float) -> None:  # the swarm re-dials with back-off meanwhile
+            if self.stop.requested:
+                raise KeyboardInterrupt
+            self.status.update(f"learner unreachable since {seconds:.0f} s, retrying")
+
         try:
-            self.swarm.start(wait_for_learner=self.cfg.wait_learner)
+            self.swarm.start(wait_for_learner=self.cfg.wait_learner if self.cfg.exit_on_unreachable else float("inf"),
+                             on_waiting=waiting)
         except TimeoutError:
             others = self.swarm.untrusted_learners
             if others:
@@ -209,6 +217,9 @@ class Sampler:
         """Back-pressure: a learner that trains slower than the swarm samples answers "busy"; generating more
         meanwhile would only produce stale rollouts."""
         while len(self.swarm.outbox) >= self.cfg.max_pending and not self.stop.requested:
+            down = self.swarm.unreachable_for()
+            if down is not None:  # e.g. the learner is restarting: say so while this sampler holds back
+                self.status.update(f"learner unreachable since {down:.0f} s, retrying")
             time.sleep(0.1)
 
     def step(self) -> int:
@@ -249,7 +260,9 @@ class Sampler:
             s = self.swarm.stats()
             learner_v = s.get("learner_version")
             lag = (learner_v - self.version) if learner_v is not None else 0
+            down = self.swarm.unreachable_for()
             self.status.update(
+                (f"learner unreachable since {down:.0f} s, retrying; " if down is not None else "") +
                 f"v{self.version} (learner v{learner_v}, lag {lag}) sent {self.sent} accepted {s.get('accepted', 0)}"
                 f" rejected {sum(s.get('rejections', {}).values())} outbox {s.get('outbox', 0)}"
                 f" down {s.get('bytes_down', 0) >> 20} MB up {s.get('bytes_uploaded', 0) >> 20} MB"

@@ -37,7 +37,7 @@ from protocol.records import Ed25519OwnerValidator, LearnerHeartbeat
 
 from .chunk_server import ChunkServer
 from .config import SwarmConfig
-from .dht import SwarmNode
+from .dht import SwarmNode, tcp_port_open
 from .loop import snapshot, wait_event
 from .fetcher import Blacklist, FetchStats, VersionFetcher
 from .outbox import Outbox, OutboxFull
@@ -63,6 +63,7 @@ TRUST_FILE = "trusted_learner.txt"
 PUSH_BATCH = 32
 STATUS_MIN_INTERVAL = 5.0  # seconds between status records when report() changes them (else every ttl / 3)
 SUPERSEDED_STALL_S = 3.0  # seconds without progress before abandoning a download the learner no longer serves
+REJOIN_MIN, REJOIN_MAX = 1.0, 30.0  # back-off between re-dials of the bootstrap peers while the learner is unreachable
 
 
 @dataclass
@@ -90,6 +91,7 @@ class SamplerSwarm:
         identity: Optional[Identity] = None,
         *,
         on_version: Optional[Callable[[int], None]] = None,
+        keep_trying: bool = False,
     ):
         self.config = config
         if identity is None:
@@ -106,6 +108,7 @@ class SamplerSwarm:
             record_validators=[
                 Ed25519OwnerValidator(config.run_id, identity, learner=self.trusted_key if self.pinned else None)
             ],
+            require_bootstrap=not keep_trying,
         )
         self.loop = self.node.loop
         self.store = WeightStore(config.weights_dir, keep=config.keep_versions)
@@ -134,6 +137,9 @@ class SamplerSwarm:
         self._announce_wake: Optional[asyncio.Event] = None
         self._store_loaded = False
         self._send_failing = False
+        # monotonic time since which the learner has been unreachable (None: it answers); set until first found
+        self._unreachable_since: Optional[float] = time.monotonic()
+        self._record_changed_at = 0.0  # monotonic time the learner record last advanced
         self._lock = threading.Lock()
         self._started = False
         self.version_times: Dict[int, float] = {}
@@ -156,9 +162,14 @@ class SamplerSwarm:
     def learner_key(self) -> Optional[str]:
         return None if self.trusted_key is None else format_public_key(self.trusted_key)
 
-    def start(self, wait_for_learner: Optional[float] = None) -> "SamplerSwarm":
+    def start(self, wait_for_learner: Optional[float] = None,
+              on_waiting: Optional[Callable[[float], None]] = None) -> "SamplerSwarm":
         """Join the swarm and start the background tasks. With ``wait_for_learner``, also wait up to that many
-        seconds for the learner's heartbeat (raises TimeoutError if none)."""
+        seconds for the learner's heartbeat (raises TimeoutError if none). Built with ``keep_trying=True``, a start
+        while every bootstrap peer is down does not raise BootstrapError: the node starts alone and re-dials them
+        with back-off (``REJOIN_MIN`` doubling to ``REJOIN_MAX`` s) until the learner's record is found
+        (``wait_for_learner=math.inf`` waits for that). ``on_waiting(seconds_unreachable)`` is called in the calling
+        thread about 20 times a second while waiting (a status line; it may raise to give up)."""
         with self._lock:
             if not self._started:
                 self.node.start()
@@ -175,6 +186,8 @@ class SamplerSwarm:
             while self.learner is None:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"no learner heartbeat found within {wait_for_learner:.0f} s")
+                if on_waiting is not None:
+                    on_waiting(self.unreachable_for() or 0.0)
                 time.sleep(0.05)
         return self
 
@@ -240,15 +253,54 @@ class SamplerSwarm:
     # ------------------------------------------------------------------------------------------------------------
     # learner discovery
 
+    def unreachable_for(self) -> Optional[float]:
+        """Seconds since the learner stopped answering (or since start, until it is first found); None while it
+        answers."""
+        since = self._unreachable_since
+        return None if since is None else time.monotonic() - since
+
+    def _learner_suspect(self) -> bool:
+        """The learner may have restarted: deliveries fail, or its record stopped advancing (it is re-stored every
+        ``heartbeat_ttl / 3``)."""
+        stale_after = self.config.heartbeat_ttl / 2 + self.config.poll_interval
+        return self._send_failing or time.monotonic() - self._record_changed_at > stale_after
+
     async def _watch_loop(self) -> None:
-        misses = 0
+        """Re-read the learner record every ``poll_interval``. When it is missing or suspect, dial the learner's
+        last address at once on every poll (a learner restarted on its address is found within one poll) and the
+        bootstrap peers with back-off (a learner that moved, or a start while everything was down), or at once when
+        a bootstrap peer's TCP port that was closed opens."""
+        backoff, next_rejoin = REJOIN_MIN, 0.0
+        bootstrap_open: Optional[bool] = None  # last probe of the bootstrap peers' TCP ports
         while True:
             try:
                 found = await self._poll_learner()
-                misses = 0 if found else misses + 1
-                if misses and misses % 5 == 0:
-                    logger.info("no learner heartbeat for %d polls; re-dialing bootstrap peers", misses)
-                    await self.node.rejoin()
+                if found and not self._learner_suspect():
+                    backoff, next_rejoin = REJOIN_MIN, 0.0
+                else:
+                    reached = 0
+                    peer = self._learner_peer()
+                    if peer is not None and await tcp_port_open(peer[1]) is not False:  # see tcp_port_open
+                        reached = await self.node.reach([peer])
+                    opened = False
+                    if not reached and self.node.bootstrap_peers:  # a port that just opened: re-dial at once
+                        was, bootstrap_open = bootstrap_open, await tcp_port_open(
+                            [str(m) for m, _ in self.node.bootstrap_peers])
+                        opened = bootstrap_open is True and was is False
+                        if opened:  # the peer is starting: its DHT and learner record follow within seconds
+                            backoff = REJOIN_MIN
+                    if not reached and self.node.bootstrap_peers and (opened or time.monotonic() >= next_rejoin):
+                        closed = bootstrap_open is False  # then no libp2p dial: it would only grow the backoff
+                        logger.info("learner %s; %s (next try in %.0f s)",
+                                    "record not found" if not found else "not answering",
+                                    "the bootstrap peers' ports are closed" if closed
+                                    else "re-dialing the bootstrap peers", backoff)
+                        if not closed:
+                            reached = await self.node.rejoin()
+                        next_rejoin = time.monotonic() + backoff
+                        backoff = min(REJOIN_MAX, backoff * 2)
+                    if reached:
+                        await self._poll_learner()  # read the (new) record through the peers just reached
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -285,6 +337,10 @@ class SamplerSwarm:
         )
         if old is not None and info.time < old.time:
             return  # an older copy of the record
+        if old is None or info.time > old.time:
+            self._record_changed_at = time.monotonic()
+            if old is None:
+                self._unreachable_since = None
         self.learner = info
         if self._send_failing and (old is None or info.time > old.time):
             self._send_wake.set()  # the learner is alive (again): retry now rather than after the back-off
@@ -330,6 +386,7 @@ class SamplerSwarm:
                 retry_after = await self._deliver_batch()
                 backoff = cfg.retry_min
                 self._send_failing = False
+                self._unreachable_since = None
                 if retry_after:
                     await asyncio.sleep(retry_after)
             except asyncio.CancelledError:
@@ -339,6 +396,8 @@ class SamplerSwarm:
                 delay = backoff * (0.5 + random.random())
                 logger.info("delivering rollouts failed (%s); retrying in %.1f s", e, delay)
                 backoff = min(cfg.retry_max, backoff * 2)
+                if not self._send_failing and self._unreachable_since is None:
+                    self._unreachable_since = time.monotonic()
                 self._send_failing = True
                 self._send_wake.clear()
                 self._watch_wake.set()  # re-read the heartbeat: the learner may have moved or restarted
@@ -354,6 +413,8 @@ class SamplerSwarm:
         if peer is None:
             return 1.0
         peer_id, maddrs = peer
+        if self._send_failing and await tcp_port_open(maddrs) is False:  # no libp2p dial (and its backoff) in vain
+            raise WireError(f"the learner's port is closed ({' '.join(maddrs)})")
         await self.node.connect(peer_id, maddrs)
         reader, writer = await open_stream(self.node.p2p, peer_id, proto_name(cfg.run_id, "rollouts"),
                                            timeout=cfg.connect_timeout)

@@ -55,7 +55,8 @@ def test_learner_and_samplers_train_publish_stop_and_resume(tmp_path):
         # A sampler pinned to another key must not trust this learner, and says why in one line.
         impostor_key = format_public_key(Identity.generate().public_key)
         wrong = [a if not a.startswith("ed25519:") else impostor_key for a in join]
-        out = run_cli(*sampler_args(tmp_path / "s0", wrong, "--wait-learner", "5"), timeout=120)
+        out = run_cli(*sampler_args(tmp_path / "s0", wrong, "--wait-learner", "5", "--exit-on-unreachable"),
+                      timeout=120)
         assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
         errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "--learner-key" in errors[0], out.stderr[-2000:]
@@ -155,7 +156,7 @@ def test_bad_input_gives_a_one_line_error(tmp_path, args, message):
 def test_sampler_reports_an_unreachable_swarm(tmp_path):
     dead = "/ip4/127.0.0.1/tcp/9/p2p/QmePnUA6qkWQqWEVyLoAETKNBXxdwQ7Ej1d5RErd1RVYFr"
     out = run_cli("-m", "node.sampler", "--peers", dead, "--state-dir", str(tmp_path / "s"), "--wait-learner", "3",
-                  *LOOPBACK)
+                  "--exit-on-unreachable", *LOOPBACK)
     assert out.returncode != 0
     assert "error:" in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
 

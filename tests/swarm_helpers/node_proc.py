@@ -8,9 +8,9 @@ are tiny but real (signed :class:`protocol.rollout.RolloutGroup`), validated by 
 :class:`protocol.validate.RolloutValidator` on the learner.
 
 Commands: ``publish {v, size, chunk}`` (learner), ``submit {start, n, bad, wait_ack}`` (sampler), ``stats``.
-Events: ``ready`` (learner) / ``joined`` (sampler) at start, ``publish``, ``rollout`` (each group the learner's
-trainer side takes), ``version`` (each version a sampler holds, with the SHA-256 of its bytes), ``submit``,
-``stats``. The learner's ``stats`` event comes after the ``rollout`` events of every group taken so far, so a
+Events: ``ready`` (learner) / ``joined`` (sampler) at start (with ``--keep-trying``, ``waiting`` before it), ``publish``,
+``rollout`` (each group the learner's trainer side takes), ``version`` (each version a sampler holds, with the SHA-256
+of its bytes), ``submit``, ``stats``. The learner's ``stats`` event comes after the ``rollout`` events of every group taken so far, so a
 ``stats`` answer with an empty inbox means every accepted group has been reported. SIGTERM shuts the node down
 gracefully.
 """
@@ -137,7 +137,7 @@ def run_sampler(a: argparse.Namespace) -> None:
     from node.sampler_swarm import SamplerSwarm
     from protocol.rollout import RolloutGroup, encode_group
 
-    swarm = SamplerSwarm(make_config(a, client_mode=a.client_mode))
+    swarm = SamplerSwarm(make_config(a, client_mode=a.client_mode), keep_trying=a.keep_trying)
     if a.evil:
         def tamper(version: int, index: int, data) -> bytes:
             out = bytearray(data)
@@ -146,6 +146,11 @@ def run_sampler(a: argparse.Namespace) -> None:
 
         swarm.chunk_server.tamper = tamper
     t_start = time.monotonic()
+    if a.keep_trying:  # started even while every bootstrap peer is down; waits for the learner without a deadline
+        swarm.start()
+        emit(event="waiting", peer_id=swarm.peer_id)
+        while swarm.learner is None:
+            time.sleep(0.05)
     swarm.start(wait_for_learner=120)
     emit(event="joined", start_s=time.monotonic() - t_start, learner_key=swarm.learner_key, peer_id=swarm.peer_id, key=swarm.public_key_str,
          maddrs=swarm.maddrs, version=swarm.latest_version())
@@ -212,6 +217,7 @@ def main() -> None:
     p.add_argument("--no-swarming", action="store_true")
     p.add_argument("--client-mode", action="store_true")
     p.add_argument("--evil", action="store_true", help="serve corrupted chunks")
+    p.add_argument("--keep-trying", action="store_true", help="start and wait even if the learner is down")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("hivemind").setLevel(logging.WARNING)
