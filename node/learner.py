@@ -18,7 +18,7 @@ import random
 import sys
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +38,7 @@ from node.metrics import GracefulStop, MetricsWriter, StatusLine, quiet_transfor
 from node.model_io import (ModelLoadError, load_policy, policy_files, policy_tensors, resolve_device, resolve_dtype,
                            run_file)
 from node.run_info import QuestionSet, RunInfo
+from node.sampler_stats import SamplerStats
 from protocol.errors import ProtocolError, Reason
 from protocol.rollout import RolloutGroup, prompt_hash
 
@@ -165,7 +166,7 @@ class Learner:
         self.status = StatusLine(quiet=not self.is_main)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._tokenizer_lock = threading.Lock()  # HF tokenizers are not safe to share across threads
-        self.sampler_stats: dict[str, Counter] = defaultdict(Counter)
+        self.sampler_stats = SamplerStats(getattr(swarm_cfg, "sampler_stats_top", 32))  # bounded, written as deltas
         self.last_eval: float | None = None
         self.swarm = None
         self.stop = stop or GracefulStop()
@@ -397,7 +398,7 @@ class Learner:
             "groups_dropped_stale_total": self.counters["dropped_stale"],
             "rejections": rejections,
             "samplers_in_step": dict(per_sampler),
-            "sampler_totals": {k: dict(v) for k, v in self.sampler_stats.items()},
+            **self.sampler_stats.metrics(),  # sampler_delta (+ sampler_totals every 50 lines)
             "bytes_uploaded": swarm.get("bytes_uploaded", 0),
             "inbox": swarm.get("inbox", 0),
         }
