@@ -84,13 +84,14 @@ class ChunkRationer:
                 self._copies_to.pop(v, None)
 
     def _hoarders(self, version: int, requester: str, n_chunks: int) -> set:
-        """Peers that took clearly more than an equal share of this version's copies from us (counting the
-        requester as a sharer): a chunk that went only to them does not count as seeded."""
+        """Peers that took more than 1.5 x an equal share of this version's copies from us (the requester counted
+        as one of the sharers): a chunk that went only to them does not count as seeded. Two peers that split a
+        version between them are not hoarders when a third arrives; one that took every copy is."""
         copies = self._copies_to[version]
         n_peers = len(copies) + (requester not in copies)
         if n_peers < 2:
             return set()
-        share = -(-n_chunks // n_peers) + max(1, n_chunks // 16)
+        share = -(-3 * n_chunks // (2 * n_peers))
         return {p for p, n in copies.items() if n > share and p != requester}
 
     def choose(

@@ -8,8 +8,9 @@ Three pieces, all bookkeeping only (the networking stays in :mod:`node.learner_s
 * :class:`InboxShares` - who may put a validated group into the bounded inbox. Keys with fewer than
   ``trusted_after`` accepted groups ("fresh") share a small pool (``fresh_share`` of the inbox, at least one slot)
   and may have at most one group waiting each; the rest of the inbox belongs to established keys, split between the
-  keys that have groups waiting in proportion to their history (capped at ``WEIGHT_CAP``), every one of them
-  guaranteed at least one slot. Under a full trainer, the inbox's occupancy is the throughput share (the trainer
+  keys that have groups waiting or asked for room in the last ``ACTIVE_WINDOW`` s, in proportion to their history
+  (capped at ``WEIGHT_CAP``), each share at least one slot: a key over its share is told ``busy`` while one under
+  it takes the next slot that frees. Under a full trainer, the inbox's occupancy is the throughput share (the trainer
   takes FIFO), so however many fresh keys push, they get at most the pool's share of training, and an established
   sampler keeps at least its weighted share of the rest.
 * :class:`PushStreams` - the learner's push-stream slots: at most ``max_total`` at once and ``max_per_peer`` per
@@ -29,6 +30,9 @@ from typing import Callable, Dict, Hashable, List, Optional
 #: an established key's weight in the inbox split is its accepted-group count, capped here: a key that delivered
 #: 64 groups counts as much as one that delivered 64,000, so a veteran cannot lock newcomers out for ever
 WEIGHT_CAP = 64
+#: an established key that asked for room this recently counts as competing for it (even if it got none)
+ACTIVE_WINDOW = 10.0
+MAX_ACTIVE_KEYS = 4096
 
 
 class KeyHistory:
@@ -72,6 +76,7 @@ class InboxShares:
         self.trusted_room = max(1, self.capacity - self.fresh_pool)
         self._fresh: Dict[Hashable, int] = {}  # queued groups admitted as fresh, per key
         self._trusted: Dict[Hashable, int] = {}  # queued groups admitted as established, per key
+        self._asked: "OrderedDict[Hashable, float]" = OrderedDict()  # established keys that asked lately
         self.fresh_total = 0
         self.trusted_total = 0
         self._lock = threading.Lock()
@@ -83,16 +88,23 @@ class InboxShares:
         return max(1, min(self.history.count(key), WEIGHT_CAP))
 
     def quota(self, key: Hashable) -> int:
-        """Slots ``key`` may hold now: its weighted share of the established room among keys with groups waiting."""
-        total = self.weight(key) + sum(self.weight(k) for k in self._trusted if k != key)
+        """Slots ``key`` may hold now: its weighted share of the established room among the competing keys."""
+        competing = set(self._trusted) | set(self._asked)
+        competing.discard(key)
+        total = self.weight(key) + sum(self.weight(k) for k in competing)
         return max(1, (self.trusted_room * self.weight(key)) // total)
 
-    def admits(self, key: Hashable) -> bool:
+    def admits(self, key: Hashable, now: Optional[float] = None) -> bool:
         with self._lock:
-            return self._admits(key)
+            return self._admits(key, time.monotonic() if now is None else now)
 
-    def _admits(self, key: Hashable) -> bool:
+    def _admits(self, key: Hashable, now: float) -> bool:
         if self.is_trusted(key):
+            self._asked.pop(key, None)
+            self._asked[key] = now
+            while self._asked and (len(self._asked) > MAX_ACTIVE_KEYS
+                                   or next(iter(self._asked.values())) < now - ACTIVE_WINDOW):
+                self._asked.popitem(last=False)
             return self.trusted_total < self.trusted_room and self._trusted.get(key, 0) < self.quota(key)
         return self.fresh_total < self.fresh_pool and self._fresh.get(key, 0) < self.fresh_per_key
 
@@ -131,6 +143,7 @@ class InboxShares:
     def snapshot(self) -> Dict[str, int]:
         return {"fresh_queued": self.fresh_total, "trusted_queued": self.trusted_total,
                 "fresh_pool": self.fresh_pool, "keys_waiting": len(self._fresh) + len(self._trusted),
+                "keys_competing": len(self._asked),
                 "keys_known": len(self.history)}
 
 
