@@ -280,7 +280,10 @@ class LearnerSwarm:
                     header, plen = await recv_header(reader, timeout=max(0.05, min(cfg.rpc_timeout, left)),
                                                      max_payload=1 << 40)
                 except WireError as e:
-                    if e.eof or self.streams.expired(slot):
+                    if e.eof:
+                        return
+                    if self.streams.expired(slot):
+                        writer.close()  # hang up now: no lingering for a stream that delivers nothing
                         return
                     raise
                 if header.get("op") != "push":
@@ -300,6 +303,7 @@ class LearnerSwarm:
                 answer["version"] = self.version
                 await send_frame(writer, answer, timeout=cfg.rpc_timeout)
                 if self.streams.expired(slot):
+                    writer.close()
                     return
         finally:
             self.streams.release(slot)

@@ -10,6 +10,7 @@ copy of a version does not make the honest sampler wait out the ration interval.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import Counter
@@ -19,7 +20,6 @@ import pytest
 
 from node.chunk_server import ChunkRationer
 from node.fairness import InboxShares, KeyHistory, PeerRateLimiter, PushStreams
-from node.local import JsonProc
 from node.sampler_stats import SamplerStats, fold_sampler_stats
 from tests.swarm_helpers.procs import NodeProc, stop_all, wait_until
 
@@ -129,10 +129,6 @@ def test_peer_rate_limiter():
 
 
 # ------------------------------------------------------------------------------------------------- real nodes
-def attacker(kind: str, maddr: str, log, *args: str) -> JsonProc:
-    return JsonProc(["-m", "scripts.bench.attackers", kind, "--peers", maddr, "--run-id", RUN, *args], log)
-
-
 def start_learner(procs: list, tmp, *args: str):
     learner = NodeProc(["learner", "--state", str(tmp / "L"), *args], tmp / "learner.log")
     procs.append(learner)
@@ -140,12 +136,37 @@ def start_learner(procs: list, tmp, *args: str):
     return learner, ready["maddrs"][0], ready["key"]
 
 
-def start_sampler(procs: list, tmp, maddr, key, *args: str):
-    s = NodeProc(["sampler", "--state", str(tmp / "s"), "--peers", maddr, "--learner-key", key, *args],
-                 tmp / "sampler.log")
+def start_sampler(procs: list, tmp, maddr, key, *args: str, name: str = "s"):
+    s = NodeProc(["sampler", "--state", str(tmp / name), "--peers", maddr, "--learner-key", key, *args],
+                 tmp / f"{name}.log")
     procs.append(s)
     joined = s.wait_event("joined", 120)
     return s, joined["key"].split(":")[1]
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    """One learner for the module, with small limits so the attacks bite quickly: 8 push streams (4 per peer),
+    3 s without an accepted group closes a stream, a 16-group inbox (1 slot for fresh keys, established after 4
+    groups) drained at 10 groups/s, a 60 s ration interval, 20 weight requests/s per peer. The honest sampler is
+    started by the first test that needs it (:func:`honest`), so the ration thief can be first at version 1."""
+    tmp = tmp_path_factory.mktemp("fair")
+    procs: list = []
+    try:
+        learner, maddr, key = start_learner(
+            procs, tmp, "--take-rate", "10", "--ration-interval", "60",
+            "--set", "max_push_streams=8", "max_push_streams_per_peer=4", "push_idle_timeout=3", "inbox_size=16",
+            "trusted_after=4", "chunk_requests_per_peer=20")
+        yield {"learner": learner, "maddr": maddr, "key": key, "tmp": tmp, "procs": procs}
+    finally:
+        stop_all(procs)
+
+
+def honest(swarm):
+    """The module's honest sampler and its key (started on first use)."""
+    if "sampler" not in swarm:
+        swarm["sampler"], swarm["skey"] = start_sampler(swarm["procs"], swarm["tmp"], swarm["maddr"], swarm["key"])
+    return swarm["sampler"], swarm["skey"]
 
 
 def taken_by(learner: NodeProc, key: str, seqs) -> set:
@@ -153,101 +174,55 @@ def taken_by(learner: NodeProc, key: str, seqs) -> set:
             and ev["seq"] in seqs}
 
 
-@pytest.mark.timeout(180)
-def test_slowloris_streams_are_closed_and_the_honest_sampler_gets_through(tmp_path):
-    procs = []
-    try:
-        learner, maddr, key = start_learner(
-            procs, tmp_path, "--set", "max_push_streams=8", "max_push_streams_per_peer=4", "push_idle_timeout=3")
-        # two slowloris peers (separate peer ids) try to hold 12 streams each: junk every second, far inside
-        # the learner's 5 s read timeout, so only "no accepted group for 3 s" can close them
-        lorises = [attacker("slowloris", maddr, tmp_path / f"loris{i}.log", "--streams", "12", "--every", "1")
-                   for i in range(2)]
-        procs += lorises
-        for lo in lorises:
-            lo.wait_event("ready", 120)
-        sampler, skey = start_sampler(procs, tmp_path, maddr, key)
-        wait_until(lambda: learner.request("stats")["stats"].get("push_streams", 0) >= 8, 60, "the slots to fill")
-        t0 = time.monotonic()
-        sampler.request("submit", start=0, n=20)
-        wait_until(lambda: taken_by(learner, skey, range(20)) == set(range(20)), 60, "the honest groups")
-        honest_s = time.monotonic() - t0
-        time.sleep(4)  # let every slowloris stream reach its idle limit at least once
-        st = learner.request("stats")["stats"]
-        loris = [lo.request("stats")["counters"] for lo in lorises]
-        lifetimes = [lo.history[-1]["stream_lifetime_median_s"] for lo in lorises]
-    finally:
-        stop_all(procs)
-    assert honest_s < 45, honest_s
-    assert st["push_idle_closed"] >= 8 and st["push_refused_peer_cap"] > 0, st
-    assert st["accepted"] == 20 and st["rejections"].get("malformed", 0) > 0
-    for c, lt in zip(loris, lifetimes):
-        assert c.get("closed_by_learner", 0) >= 4 and c.get("refused", 0) > 0, c
-        assert lt is not None and lt < 3 + 1 + 3, lifetimes  # idle limit + one frame interval + slack
+def raw_peers(loop, n: int, maddr: str):
+    """``n`` bare libp2p peers in this process (each its own peer id), connected to the node at ``maddr``."""
+    from hivemind.p2p import P2P, PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    peer_id = maddr.rsplit("/p2p/", 1)[1]
+    target = PeerID.from_base58(peer_id)
+
+    async def make():
+        out = []
+        for _ in range(n):
+            p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
+            out.append(p2p)
+            await p2p._client.connect(target, [Multiaddr(maddr).decapsulate(Multiaddr(f"/p2p/{peer_id}"))])
+        return out
+
+    return loop.run(make(), 60), target
+
+
+def close_peers(loop, peers, tasks=()) -> None:
+    async def close():
+        for t in tasks:
+            t.cancel()
+        for p2p in peers:
+            await p2p.shutdown()
+
+    loop.run(close(), 20)
 
 
 @pytest.mark.timeout(180)
-def test_fresh_key_flood_cannot_take_an_established_samplers_share(tmp_path):
-    procs = []
-    try:
-        # a trainer that takes 10 groups/s from a 16-group inbox: the inbox is full and its split is the share
-        learner, maddr, key = start_learner(procs, tmp_path, "--take-rate", "10", "--set", "inbox_size=16",
-                                            "trusted_after=4")
-        sampler, skey = start_sampler(procs, tmp_path, maddr, key)
-        sampler.request("submit", start=0, n=8)  # the honest sampler's history
-        wait_until(lambda: taken_by(learner, skey, range(8)) == set(range(8)), 60, "the honest history")
-        sybil = attacker("sybil", maddr, tmp_path / "sybil.log", "--keys", "20000", "--streams", "4")
-        procs.append(sybil)
-        sybil.wait_event("ready", 120)
-        wait_until(lambda: sybil.request("stats")["counters"].get("busy", 0) > 50, 60, "the flood to hit the inbox")
-        sampler.request("submit", start=100, n=60)
-        wait_until(lambda: taken_by(learner, skey, range(100, 160)) == set(range(100, 160)), 90,
-                   "the honest groups during the flood")
-        st = learner.request("stats")["stats"]
-        flood = sybil.request("stats")["counters"]
-    finally:
-        stop_all(procs)
-    takes = [ev for ev in learner.history if ev.get("event") == "rollout"]
-    first = next(i for i, ev in enumerate(takes) if ev["sampler"] == skey and ev["seq"] >= 100)
-    last = max(i for i, ev in enumerate(takes) if ev["sampler"] == skey and ev["seq"] >= 100)
-    window = Counter("honest" if ev["sampler"] == skey else "sybil" for ev in takes[first:last + 1])
-    assert window["honest"] == 60
-    assert window["sybil"] <= 0.25 * (window["honest"] + window["sybil"]), window  # pool: 1 of 16 slots
-    assert flood.get("busy", 0) > 10 * flood.get("accepted", 0), flood  # the flood was mostly turned away
-    assert st["busy_fresh"] > 0 and st["fresh_queued"] <= st["fresh_pool"] == 1, st
-
-
-@pytest.mark.timeout(180)
-def test_weight_requests_are_capped_per_peer_and_a_ration_thief_does_not_delay_others(tmp_path):
+def test_weight_requests_are_capped_per_peer_and_a_ration_thief_does_not_delay_others(swarm):
     from node.loop import LoopThread
     from node.wire import encode_frame, proto_name, recv_frame
+    from scripts.bench.attackers import steal
 
+    learner, maddr, key = swarm["learner"], swarm["maddr"], swarm["key"]
     size, chunk = 1 << 20, 64 << 10
-    procs = []
-    loop = p2p = None
+    peers = []
+    loop = LoopThread().start()
+    stolen = Counter()
     try:
-        learner, maddr, key = start_learner(procs, tmp_path, "--ration-interval", "60",
-                                            "--set", "chunk_requests_per_peer=20")
+        assert "sampler" not in swarm, "this test must run first: nobody else may have asked for version 1"
         learner.request("publish", v=1, size=size, chunk=chunk)
-        thief = attacker("thief", maddr, tmp_path / "thief.log")
-        procs.append(thief)
-        thief.wait_event("ready", 120)
-        wait_until(lambda: thief.request("stats")["counters"].get("chunks_stolen", 0) >= size // chunk, 60,
-                   "the thief to take every first copy")
+        peers, target = raw_peers(loop, 2, maddr)
+        # the thief takes every first copy of v1 before anybody else asks
+        loop.run(steal(peers[0], target, RUN, 1, None, 4, 20.0, stolen), 60)
 
-        # one peer asking 100 times at once: a burst of 2 s' worth (40) is served, the rest told busy
-        from hivemind.p2p import P2P, PeerID
-        from hivemind.utils.multiaddr import Multiaddr
-
-        loop = LoopThread().start()
-        peer_id = maddr.rsplit("/p2p/", 1)[1]
-
-        async def flood_have():
-            nonlocal p2p
-            p2p = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], nat_port_map=False, auto_nat=False)
-            peer = PeerID.from_base58(peer_id)
-            await p2p._client.connect(peer, [Multiaddr(maddr).decapsulate(Multiaddr(f"/p2p/{peer_id}"))])
-            _, r, w = await p2p.call_binary_stream_handler(peer, proto_name(RUN, "weights"))
+        async def flood_have():  # another peer asks 100 times at once
+            _, r, w = await peers[1].call_binary_stream_handler(target, proto_name(RUN, "weights"))
             w.write(b"".join(encode_frame({"op": "have", "v": 1}) for _ in range(100)))
             answers = [(await recv_frame(r, timeout=10, max_payload=0))[0] for _ in range(100)]
             w.close()
@@ -256,19 +231,94 @@ def test_weight_requests_are_capped_per_peer_and_a_ration_thief_does_not_delay_o
         answers = loop.run(flood_have(), 60)
         ok = sum(a.get("ok") is True for a in answers)
         limited = sum(a.get("err") == "busy" and a.get("msg") == "request rate limit" for a in answers)
-
         t0 = time.monotonic()
-        sampler, _ = start_sampler(procs, tmp_path, maddr, key, "--no-swarming")
+        sampler, _ = honest(swarm)  # joins now: the learner is its only source
         sampler.wait_event("version", 60, v=1)
         honest_s = time.monotonic() - t0
         st = learner.request("stats")["stats"]
     finally:
-        if p2p is not None:
-            loop.run(p2p.shutdown(), 10)
-        if loop is not None:
-            loop.stop()
-        stop_all(procs)
-    assert 40 <= ok <= 45 and ok + limited == 100, (ok, limited)
+        close_peers(loop, peers)
+        loop.stop()
+    assert stolen["chunks_stolen"] == size // chunk, stolen
+    assert 40 <= ok <= 45 and ok + limited == 100, (ok, limited)  # a burst of 2 s' worth, the rest told busy
     assert st["chunk_requests_limited"] >= 55
     # without the waiver the honest sampler would wait out the 60 s ration interval for every chunk
     assert honest_s < 45, honest_s
+
+
+@pytest.mark.timeout(180)
+def test_slowloris_streams_are_closed_and_the_honest_sampler_gets_through(swarm):
+    from node.loop import LoopThread
+    from scripts.bench.attackers import slowloris
+
+    learner, maddr = swarm["learner"], swarm["maddr"]
+    sampler, skey = honest(swarm)
+    peers, tasks = [], []
+    loop = LoopThread().start()
+    counters, lifetimes = [Counter(), Counter()], [[], []]
+    before = learner.request("stats")["stats"]
+    try:
+        # two slowloris peers (separate peer ids) try to hold 12 streams each: junk every second, far inside
+        # the learner's 5 s read timeout, so only "no accepted group for 3 s" can close them
+        peers, target = raw_peers(loop, 2, maddr)
+
+        async def attack():
+            return [asyncio.ensure_future(slowloris(p2p, target, RUN, 12, 1.0, c, lt))
+                    for p2p, c, lt in zip(peers, counters, lifetimes)]
+
+        tasks = loop.run(attack(), 30)
+        wait_until(lambda: learner.request("stats")["stats"].get("push_streams", 0) >= 8, 60, "the slots to fill")
+        t0 = time.monotonic()
+        sampler.request("submit", start=0, n=20)
+        wait_until(lambda: taken_by(learner, skey, range(20)) == set(range(20)), 60, "the honest groups")
+        honest_s = time.monotonic() - t0
+        time.sleep(4)  # let every slowloris stream reach its idle limit at least once
+        st = learner.request("stats")["stats"]
+    finally:
+        close_peers(loop, peers, tasks)
+        loop.stop()
+    assert honest_s < 45, honest_s
+    assert st["push_idle_closed"] - before.get("push_idle_closed", 0) >= 8, st
+    assert st["push_refused_peer_cap"] > before.get("push_refused_peer_cap", 0), st
+    assert st["accepted"] - before.get("accepted", 0) == 20 and st["rejections"].get("malformed", 0) > 0
+    for c, lt in zip(counters, lifetimes):
+        assert c.get("closed_by_learner", 0) >= 4 and c.get("refused", 0) > 0, c
+        assert lt and sorted(lt)[len(lt) // 2] < 3 + 1 + 3, lifetimes  # idle limit + one frame interval + slack
+
+
+@pytest.mark.timeout(180)
+def test_fresh_key_flood_cannot_take_an_established_samplers_share(swarm):
+    """The trainer takes 10 groups/s from a 16-group inbox: the inbox is full and its split is the share."""
+    from node.loop import LoopThread
+    from scripts.bench.attackers import sybil, synthetic_groups
+
+    learner, maddr = swarm["learner"], swarm["maddr"]
+    sampler, skey = honest(swarm)
+    peers, tasks = [], []
+    loop = LoopThread().start()
+    flood = Counter()
+    try:
+        sampler.request("submit", start=200, n=8)  # the honest sampler's history
+        wait_until(lambda: taken_by(learner, skey, range(200, 208)) == set(range(200, 208)), 60,
+                   "the honest history")
+        peers, target = raw_peers(loop, 1, maddr)
+
+        async def attack():
+            return [asyncio.ensure_future(sybil(peers[0], target, RUN, 20_000, 4, 0.0, flood, synthetic_groups(RUN)))]
+
+        tasks = loop.run(attack(), 30)
+        wait_until(lambda: flood.get("busy", 0) > 50, 60, "the flood to hit the inbox")
+        sampler.request("submit", start=100, n=60)
+        wait_until(lambda: taken_by(learner, skey, range(100, 160)) == set(range(100, 160)), 90,
+                   "the honest groups during the flood")
+        st = learner.request("stats")["stats"]
+    finally:
+        close_peers(loop, peers, tasks)
+        loop.stop()
+    takes = [ev for ev in learner.history if ev.get("event") == "rollout"]
+    during = [i for i, ev in enumerate(takes) if ev["sampler"] == skey and 100 <= ev["seq"] < 160]
+    window = Counter("honest" if ev["sampler"] == skey else "sybil" for ev in takes[during[0]:during[-1] + 1])
+    assert window["honest"] == 60
+    assert window["sybil"] <= 0.25 * (window["honest"] + window["sybil"]), window  # pool: 1 of 16 slots
+    assert flood.get("busy", 0) > 10 * flood.get("accepted", 0), flood  # the flood was mostly turned away
+    assert st["busy_fresh"] > 0 and st["fresh_queued"] <= st["fresh_pool"] == 1, st

@@ -74,16 +74,17 @@ async def _close(writer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- attacks
-async def slowloris(node, a, counters: Counter, lifetimes: List[float]) -> None:
+async def slowloris(p2p, peer, run_id: str, streams: int, every: float, counters: Counter,
+                    lifetimes: List[float]) -> None:
+    """Hold ``streams`` rollout streams to ``peer`` open with a junk push every ``every`` s (runs until cancelled)."""
     from node.wire import WireError, encode_frame, open_stream, proto_name, recv_frame
 
-    _, peer = await wait_learner(node, a.run_id)
-    proto = proto_name(a.run_id, "rollouts")
+    proto = proto_name(run_id, "rollouts")
 
     async def hold() -> None:
         while True:
             try:
-                reader, writer = await open_stream(node.p2p, peer, proto, timeout=5.0)
+                reader, writer = await open_stream(p2p, peer, proto, timeout=5.0)
             except WireError:
                 counters["open_failed"] += 1
                 await asyncio.sleep(0.5)
@@ -99,7 +100,7 @@ async def slowloris(node, a, counters: Counter, lifetimes: List[float]) -> None:
                         break
                     frames += 1
                     counters["junk_frames"] += 1
-                    await asyncio.sleep(a.every)
+                    await asyncio.sleep(every)
             except (WireError, ConnectionError, asyncio.TimeoutError, RuntimeError):
                 pass
             finally:
@@ -110,79 +111,85 @@ async def slowloris(node, a, counters: Counter, lifetimes: List[float]) -> None:
                 del lifetimes[:-1000]
             await asyncio.sleep(0.2)
 
-    await asyncio.gather(*(hold() for _ in range(a.streams)))
+    await asyncio.gather(*(hold() for _ in range(streams)))
 
 
-async def thief(node, a, counters: Counter, lifetimes: List[float]) -> None:
+async def steal(p2p, peer, run_id: str, version: int, digest: Optional[bytes], streams: int, give_up: float,
+                counters: Counter) -> None:
+    """Ask ``peer`` itself for every chunk of ``version`` (plain requests over ``streams`` streams, refusals retried
+    at once for ``give_up`` s)."""
     from node.wire import WireError, encode_frame, open_stream, proto_name, recv_frame
     from protocol.manifest import decode_manifest
 
-    rec, peer = await wait_learner(node, a.run_id)
-    proto = proto_name(a.run_id, "weights")
+    proto = proto_name(run_id, "weights")
+    reader, writer = await open_stream(p2p, peer, proto, timeout=5.0)
+    try:
+        writer.write(encode_frame({"op": "manifest", "v": version}))
+        header, payload = await recv_frame(reader, timeout=10.0, max_payload=64 << 20)
+    finally:
+        await _close(writer)
+    if header.get("ok") is not True:
+        return
+    manifest = decode_manifest(payload)
+    todo = list(range(manifest.n_chunks))
+    t0 = time.monotonic()
+
+    async def worker() -> None:
+        while todo and time.monotonic() - t0 < give_up:
+            try:
+                reader, writer = await open_stream(p2p, peer, proto, timeout=5.0)
+            except WireError:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                while todo:
+                    index = todo.pop(0)
+                    writer.write(encode_frame({"op": "chunk", "v": version, "d": digest, "i": index}))
+                    answer, data = await recv_frame(reader, timeout=10.0, max_payload=manifest.chunk_size)
+                    counters["requests"] += 1
+                    if answer.get("ok") is True:
+                        counters["chunks_stolen"] += 1
+                        counters["bytes_stolen"] += len(data)
+                    else:
+                        counters[f"answer_{str(answer.get('err'))[:16]}"] += 1
+                        if time.monotonic() - t0 < give_up:
+                            todo.append(index)  # again at once: no politeness
+                        if answer.get("err") == "busy":
+                            break
+            except (WireError, ConnectionError, asyncio.TimeoutError, RuntimeError):
+                pass
+            finally:
+                await _close(writer)
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(worker() for _ in range(streams)))
+    counters["versions"] += 1
+
+
+async def thief(node, a, counters: Counter) -> None:
+    """Steal every new version the learner's heartbeat announces, polling it every ``a.poll`` s."""
+    _, peer = await wait_learner(node, a.run_id)
     done_versions = set()
-
-    async def steal(version: int, digest: bytes) -> None:
-        reader, writer = await open_stream(node.p2p, peer, proto, timeout=5.0)
-        try:
-            writer.write(encode_frame({"op": "manifest", "v": version}))
-            header, payload = await recv_frame(reader, timeout=10.0, max_payload=64 << 20)
-        finally:
-            await _close(writer)
-        if header.get("ok") is not True:
-            return
-        manifest = decode_manifest(payload)
-        todo = list(range(manifest.n_chunks))
-        t0 = time.monotonic()
-
-        async def worker() -> None:
-            while todo:
-                try:
-                    reader, writer = await open_stream(node.p2p, peer, proto, timeout=5.0)
-                except WireError:
-                    await asyncio.sleep(0.05)
-                    continue
-                try:
-                    while todo:
-                        index = todo.pop(0)
-                        writer.write(encode_frame({"op": "chunk", "v": version, "d": digest, "i": index}))
-                        answer, data = await recv_frame(reader, timeout=10.0, max_payload=manifest.chunk_size)
-                        counters["requests"] += 1
-                        if answer.get("ok") is True:
-                            counters["chunks_stolen"] += 1
-                            counters["bytes_stolen"] += len(data)
-                        else:
-                            counters[f"answer_{str(answer.get('err'))[:16]}"] += 1
-                            if time.monotonic() - t0 < a.give_up:
-                                todo.append(index)  # try again at once: no politeness
-                            if answer.get("err") == "busy":
-                                break
-                except (WireError, ConnectionError, asyncio.TimeoutError, RuntimeError):
-                    pass
-                finally:
-                    await _close(writer)
-
-        await asyncio.gather(*(worker() for _ in range(a.streams)))
-        counters["versions"] += 1
-
     while True:
         rec = await freshest_learner(node, a.run_id)
         if rec is not None and rec.manifest_size > 0 and rec.policy_version not in done_versions:
             done_versions.add(rec.policy_version)
             try:
-                await steal(rec.policy_version, rec.manifest_digest)
+                await steal(node.p2p, peer, a.run_id, rec.policy_version, rec.manifest_digest, a.streams, a.give_up,
+                            counters)
             except Exception as e:  # noqa: BLE001 - an attacker keeps going
                 counters["steal_errors"] += 1
                 logger.info("steal v%d: %r", rec.policy_version, e)
         await asyncio.sleep(a.poll)
 
 
-def synthetic_groups(a) -> Callable[[Any, int, int], bytes]:
+def synthetic_groups(run_id: str) -> Callable[[Any, int, int], bytes]:
     """Groups like tests/swarm_helpers/node_proc's sampler makes (accepted by its learner: no prompt checks)."""
     from protocol.rollout import RolloutGroup, encode_group
 
     def make(identity, seq: int, version: int) -> bytes:
         g = RolloutGroup.from_completions(
-            run_id=a.run_id, seq=seq, policy_version=version, prompt_index=seq % 100, prompt_ids=[1, 2, 3],
+            run_id=run_id, seq=seq, policy_version=version, prompt_index=seq % 100, prompt_ids=[1, 2, 3],
             completions=[[4, 5], [6, 7, 8]], logprobs=[[-0.1, -0.2], [-0.3, -0.1, -0.2]],
         )
         return encode_group(g, identity)
@@ -238,14 +245,49 @@ def model_groups(a) -> Callable[[Any, int, int], bytes]:
     return make
 
 
-async def sybil(node, a, counters: Counter, lifetimes: List[float], make) -> None:
+async def sybil(p2p, peer, run_id: str, n_keys: int, streams: int, pace: float, counters: Counter, make,
+                version: Callable[[], int] = lambda: 0) -> None:
+    """Push groups ``make(identity, seq, version())`` of ``n_keys`` fresh keys (round robin) to ``peer`` over
+    ``streams`` streams, as fast as it answers, ignoring ``busy`` (runs until cancelled)."""
     from protocol.identity import Identity
     from node.wire import WireError, encode_frame, open_stream, proto_name, recv_frame
 
+    proto = proto_name(run_id, "rollouts")
+    keys = await asyncio.get_running_loop().run_in_executor(None, lambda: [Identity.generate() for _ in range(n_keys)])
+    state = {"next": 0}
+
+    def next_group() -> bytes:
+        i = state["next"]
+        state["next"] += 1
+        return make(keys[i % len(keys)], i // len(keys), version())
+
+    async def push() -> None:
+        while True:
+            try:
+                reader, writer = await open_stream(p2p, peer, proto, timeout=5.0)
+            except WireError:
+                await asyncio.sleep(0.2)
+                continue
+            counters["streams"] += 1
+            try:
+                while True:
+                    writer.write(encode_frame({"op": "push"}, next_group()))
+                    await asyncio.wait_for(writer.drain(), 5.0)
+                    answer, _ = await recv_frame(reader, timeout=10.0, max_payload=0)
+                    counters[str(answer.get("status"))[:16]] += 1
+                    if pace:
+                        await asyncio.sleep(pace)
+            except (WireError, ConnectionError, asyncio.TimeoutError, RuntimeError):
+                pass
+            finally:
+                await _close(writer)
+
+    await asyncio.gather(*(push() for _ in range(streams)))
+
+
+async def sybil_at_learner(node, a, counters: Counter, make) -> None:
     rec, peer = await wait_learner(node, a.run_id)
-    proto = proto_name(a.run_id, "rollouts")
-    keys = [Identity.generate() for _ in range(a.keys)]
-    state = {"version": rec.policy_version, "next": 0}
+    state = {"version": rec.policy_version}
 
     async def follow_version() -> None:
         while True:
@@ -257,33 +299,13 @@ async def sybil(node, a, counters: Counter, lifetimes: List[float], make) -> Non
             except Exception:  # noqa: BLE001
                 pass
 
-    def next_group() -> bytes:
-        i = state["next"]
-        state["next"] += 1
-        return make(keys[i % len(keys)], i // len(keys), state["version"])
+    await asyncio.gather(follow_version(), sybil(node.p2p, peer, a.run_id, a.keys, a.streams, a.pace, counters,
+                                                 make, lambda: state["version"]))
 
-    async def push() -> None:
-        while True:
-            try:
-                reader, writer = await open_stream(node.p2p, peer, proto, timeout=5.0)
-            except WireError:
-                await asyncio.sleep(0.2)
-                continue
-            counters["streams"] += 1
-            try:
-                while True:
-                    writer.write(encode_frame({"op": "push"}, next_group()))
-                    await asyncio.wait_for(writer.drain(), 5.0)
-                    answer, _ = await recv_frame(reader, timeout=10.0, max_payload=0)
-                    counters[str(answer.get("status"))[:16]] += 1
-                    if a.pace:
-                        await asyncio.sleep(a.pace)
-            except (WireError, ConnectionError, asyncio.TimeoutError, RuntimeError):
-                pass
-            finally:
-                await _close(writer)
 
-    await asyncio.gather(follow_version(), *(push() for _ in range(a.streams)))
+async def _at_learner(node, a, attack) -> None:
+    _, peer = await wait_learner(node, a.run_id)
+    await attack(node.p2p, peer)
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -317,11 +339,15 @@ def main(argv: Optional[list] = None) -> None:
 
     counters: Counter = Counter()
     lifetimes: List[float] = []
-    make = (model_groups(a) if a.groups == "model" else synthetic_groups(a)) if a.attack == "sybil" else None
-    node = SwarmNode(swarm_config(a)).start()
-    coro = {"slowloris": lambda: slowloris(node, a, counters, lifetimes),
-            "thief": lambda: thief(node, a, counters, lifetimes),
-            "sybil": lambda: sybil(node, a, counters, lifetimes, make)}[a.attack]
+    make = (model_groups(a) if a.groups == "model" else synthetic_groups(a.run_id)) if a.attack == "sybil" else None
+    from protocol.records import Ed25519OwnerValidator
+
+    node = SwarmNode(swarm_config(a), record_validators=[Ed25519OwnerValidator(a.run_id)]).start()
+    coro = {
+            "slowloris": lambda: _at_learner(node, a, lambda p2p, peer: slowloris(
+                p2p, peer, a.run_id, a.streams, a.every, counters, lifetimes)),
+            "thief": lambda: thief(node, a, counters),
+            "sybil": lambda: sybil_at_learner(node, a, counters, make)}[a.attack]
     fut = node.loop.submit(coro())
 
     def report() -> dict:
