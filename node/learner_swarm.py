@@ -271,6 +271,7 @@ class LearnerSwarm:
             self.counters["push_streams_refused"] += 1
             await send_frame(writer, {"status": "busy", "retry_after": 2.0, "version": self.version},
                              timeout=cfg.rpc_timeout)
+            writer.close()  # no lingering: a refused stream must cost as little as possible
             return
         try:
             while not slot.closed_by_us:

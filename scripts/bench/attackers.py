@@ -5,7 +5,7 @@
     python -m scripts.bench.attackers sybil     --peers MADDR [--keys 20000] [--streams 8] [--groups synthetic|model]
 
 slowloris  holds as many rollout streams open as it can, each sending a tiny junk push (4 bytes) every ``--every``
-           seconds and reopening at once when the learner closes it or refuses it.
+           seconds and reopening ``--reopen`` s after the learner closes or refuses it.
 thief      polls the learner's heartbeat every ``--poll`` s and, for each new version, asks the learner itself for
            every chunk (plain requests, several streams, busy/rationed answers retried at once); serves nothing.
 sybil      ``--keys`` fresh Ed25519 keys push validly signed groups as fast as the learner answers, over
@@ -75,8 +75,9 @@ async def _close(writer) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- attacks
 async def slowloris(p2p, peer, run_id: str, streams: int, every: float, counters: Counter,
-                    lifetimes: List[float]) -> None:
-    """Hold ``streams`` rollout streams to ``peer`` open with a junk push every ``every`` s (runs until cancelled)."""
+                    lifetimes: List[float], reopen: float = 1.0) -> None:
+    """Hold ``streams`` rollout streams to ``peer`` open with a junk push every ``every`` s, each reopened
+    ``reopen`` s after it was closed or refused (runs until cancelled)."""
     from node.wire import WireError, encode_frame, open_stream, proto_name, recv_frame
 
     proto = proto_name(run_id, "rollouts")
@@ -109,7 +110,7 @@ async def slowloris(p2p, peer, run_id: str, streams: int, every: float, counters
                 counters["closed_by_learner"] += 1
                 lifetimes.append(time.monotonic() - opened)
                 del lifetimes[:-1000]
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(reopen)
 
     await asyncio.gather(*(hold() for _ in range(streams)))
 
@@ -321,6 +322,8 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--streams", type=int, default=None,
                    help="concurrent streams (default: slowloris 80, thief 8, sybil 8)")
     p.add_argument("--every", type=float, default=4.0, help="slowloris: seconds between junk frames")
+    p.add_argument("--reopen", type=float, default=1.0,
+                   help="slowloris: seconds before a closed or refused stream is opened again")
     p.add_argument("--poll", type=float, default=0.05, help="thief: seconds between heartbeat reads")
     p.add_argument("--give-up", type=float, default=30.0, help="thief: seconds a version's chunks are retried")
     p.add_argument("--keys", type=int, default=20_000, help="sybil: fresh keys")
@@ -345,7 +348,7 @@ def main(argv: Optional[list] = None) -> None:
     node = SwarmNode(swarm_config(a), record_validators=[Ed25519OwnerValidator(a.run_id)]).start()
     coro = {
             "slowloris": lambda: _at_learner(node, a, lambda p2p, peer: slowloris(
-                p2p, peer, a.run_id, a.streams, a.every, counters, lifetimes)),
+                p2p, peer, a.run_id, a.streams, a.every, counters, lifetimes, a.reopen)),
             "thief": lambda: thief(node, a, counters),
             "sybil": lambda: sybil_at_learner(node, a, counters, make)}[a.attack]
     fut = node.loop.submit(coro())
