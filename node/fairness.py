@@ -16,7 +16,9 @@ Three pieces, all bookkeeping only (the networking stays in :mod:`node.learner_s
 * :class:`PushStreams` - the learner's push-stream slots: at most ``max_total`` at once and ``max_per_peer`` per
   libp2p peer; a stream that delivered no accepted group for ``idle_timeout`` s is closed (junk frames, rejected or
   refused groups do not keep it alive); when every slot is taken, a newcomer evicts the stream that has gone
-  longest without an accepted group, provided that is more than ``evict_grace`` s.
+  longest without an accepted group, provided that is more than ``evict_grace`` s. A peer over its own cap is
+  answered only after ``TARPIT_SECONDS`` (up to ``MAX_TARPITTED`` such streams at once, then at once): an attacker
+  that reopens as soon as it is refused costs the learner a few refusals a second, not hundreds.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ WEIGHT_CAP = 64
 #: an established key that asked for room this recently counts as competing for it (even if it got none)
 ACTIVE_WINDOW = 10.0
 MAX_ACTIVE_KEYS = 4096
+TARPIT_SECONDS = 5.0
+MAX_TARPITTED = 256
 
 
 class KeyHistory:
@@ -179,6 +183,7 @@ class PushStreams:
         self._slots: List[PushSlot] = []
         self._per_peer: Dict[str, int] = {}
         self.refused_peer_cap = 0
+        self.tarpitted = 0  # refused streams being held before their answer right now
         self.refused_full = 0
         self.evicted = 0
         self.idle_closed = 0
@@ -218,6 +223,11 @@ class PushStreams:
             self.idle_closed += 1
             return True
         return False
+
+    def tarpit_delay(self, peer: str) -> float:
+        """How long to hold a stream refused for ``peer``'s own cap before answering (0: answer now)."""
+        return TARPIT_SECONDS if self._per_peer.get(peer, 0) >= self.max_per_peer and \
+            self.tarpitted < MAX_TARPITTED else 0.0
 
     def release(self, slot: PushSlot) -> None:
         if slot in self._slots:

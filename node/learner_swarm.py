@@ -269,6 +269,13 @@ class LearnerSwarm:
         slot = self.streams.open(str(peer_id), writer.close)
         if slot is None:
             self.counters["push_streams_refused"] += 1
+            delay = self.streams.tarpit_delay(str(peer_id))
+            if delay:  # over its own cap: make an impatient reopener wait for its answer
+                self.streams.tarpitted += 1
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    self.streams.tarpitted -= 1
             await send_frame(writer, {"status": "busy", "retry_after": 2.0, "version": self.version},
                              timeout=cfg.rpc_timeout)
             writer.close()  # no lingering: a refused stream must cost as little as possible

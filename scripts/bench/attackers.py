@@ -153,7 +153,9 @@ async def steal(p2p, peer, run_id: str, version: int, digest: Optional[bytes], s
                         counters["bytes_stolen"] += len(data)
                     else:
                         counters[f"answer_{str(answer.get('err'))[:16]}"] += 1
-                        if time.monotonic() - t0 < give_up:
+                        if answer.get("err") == "unknown_version":  # the learner pruned it: on to the next
+                            todo.clear()
+                        elif time.monotonic() - t0 < give_up:
                             todo.append(index)  # again at once: no politeness
                         if answer.get("err") == "busy":
                             break
