@@ -181,28 +181,28 @@ class SwarmConfig:
                        help="learner: accepted groups waiting for the trainer before senders are told 'busy'")
         g.add_argument("--max-push-streams", type=int, default=d.max_push_streams,
                        help="learner: concurrent rollout streams (when all are taken, a newcomer evicts the one that "
-                            "has gone longest without an accepted group, if that is over 2 s)")
+                            "has gone longest without an accepted group, if that is over 2 s) (default: %(default)s)")
         g = parser.add_argument_group("swarm: fair limits (learner)")
         g.add_argument("--max-push-streams-per-peer", type=int, default=d.max_push_streams_per_peer,
-                       help="concurrent rollout streams from one peer")
+                       help="concurrent rollout streams from one peer (default: %(default)s)")
         g.add_argument("--push-idle-timeout", type=float, default=d.push_idle_timeout,
                        help="seconds a rollout stream may go without delivering an accepted group before it is "
-                            "closed (rejected, refused or junk frames do not keep it open)")
+                            "closed (rejected, refused or junk frames do not keep it open) (default: %(default)s)")
         g.add_argument("--fresh-key-share", type=float, default=d.fresh_key_share,
                        help="fraction of the inbox (at least one slot) shared by sampler keys with fewer than "
                             "--trusted-after accepted groups, one waiting group per key; the rest is split between "
-                            "established keys by their accepted history")
+                            "established keys by their accepted history (default: %(default)s)")
         g.add_argument("--trusted-after", type=int, default=d.trusted_after,
-                       help="accepted groups after which a sampler key leaves the fresh-key pool")
+                       help="accepted groups after which a sampler key leaves the fresh-key pool (default: %(default)s)")
         g.add_argument("--max-tracked-keys", type=int, default=d.max_tracked_keys,
-                       help="sampler keys whose accepted history is remembered (least recently accepted forgotten)")
+                       help="sampler keys whose accepted history is remembered (least recently accepted forgotten) (default: %(default)s)")
         g.add_argument("--sampler-stats-top", type=int, default=d.sampler_stats_top,
-                       help="per-sampler statistics kept for the N busiest keys, the others merged into one bucket")
+                       help="per-sampler statistics kept for the N busiest keys, the others merged into one bucket (default: %(default)s)")
         g.add_argument("--chunk-requests-per-peer", type=float, default=d.chunk_requests_per_peer,
                        help="weight requests (chunk/have/manifest) per second one peer may make to this node "
-                            "(bursts of twice that); beyond it the answer is busy")
+                            "(bursts of twice that); beyond it the answer is busy (default: %(default)s)")
         g.add_argument("--max-chunk-streams-per-peer", type=int, default=d.max_chunk_streams_per_peer,
-                       help="concurrent weight streams from one peer")
+                       help="concurrent weight streams from one peer (default: %(default)s)")
         g = parser.add_argument_group("swarm: weights")
         g.add_argument("--upload-limit", type=parse_size, default=None, metavar="BYTES_PER_S",
                        help="cap on this node's chunk upload, e.g. 20MB (per second); default unlimited")
