@@ -35,11 +35,15 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .fairness import PeerRateLimiter
 from .ratelimit import TokenBucket
 from .weights_store import WeightStore, unpack_bits
 from .wire import WireError, error_header, recv_header, send_frame
 
 logger = logging.getLogger(__name__)
+
+
+MAX_TRACKED_PEERS = 1024  # per version, for the rationer's "who took how many copies" (hoarding) count
 
 
 class ChunkRationer:
@@ -53,6 +57,9 @@ class ChunkRationer:
         # version -> chunk -> peers it was served to (bounded), and re-serves granted per peer
         self._served_to: Dict[int, Dict[int, List[str]]] = {}
         self._resends: Dict[int, Counter] = {}
+        # version -> chunks served to each peer (at most MAX_TRACKED_PEERS peers per version)
+        self._copies_to: Dict[int, Counter] = {}
+        self.hoard_waivers = 0
 
     def interval_for(self, total_size: int) -> float:
         if self.fixed_interval is not None:
@@ -69,10 +76,23 @@ class ChunkRationer:
             )
             self._served_to[version] = defaultdict(list)
             self._resends[version] = Counter()
+            self._copies_to[version] = Counter()
             for v in sorted(self._state)[:-4]:
                 del self._state[v]
                 self._served_to.pop(v, None)
                 self._resends.pop(v, None)
+                self._copies_to.pop(v, None)
+
+    def _hoarders(self, version: int, requester: str, n_chunks: int) -> set:
+        """Peers that took more than 1.5 x an equal share of this version's copies from us (the requester counted
+        as one of the sharers): a chunk that went only to them does not count as seeded. Two peers that split a
+        version between them are not hoarders when a third arrives; one that took every copy is."""
+        copies = self._copies_to[version]
+        n_peers = len(copies) + (requester not in copies)
+        if n_peers < 2:
+            return set()
+        share = -(-3 * n_chunks // (2 * n_peers))
+        return {p for p, n in copies.items() if n > share and p != requester}
 
     def choose(
         self,
@@ -90,6 +110,18 @@ class ChunkRationer:
         counts, last, interval = self._state[version]
         now = time.monotonic() if now is None else now
         eligible = lacking & ((counts == 0) | (now - last >= interval))
+        if requester is not None and not eligible.any() and lacking.any():
+            # "ration stealing": a peer that fetches every first copy and shares none must not make everybody
+            # else wait out the interval. A chunk whose every copy went to such hoarders is served again at once.
+            hoarders = self._hoarders(version, requester, len(counts))
+            if hoarders:
+                served_to = self._served_to[version]
+                hoarded = [i for i in np.flatnonzero(lacking).tolist()
+                           if requester not in served_to.get(i, ()) and set(served_to.get(i, ())) <= hoarders]
+                if hoarded:
+                    self.hoard_waivers += 1
+                    eligible = np.zeros_like(lacking)
+                    eligible[hoarded] = True
         if requester is not None and not eligible.any() and lacking.any():
             served_to = self._served_to[version]
             budget = max(2, len(counts) // 8)
@@ -115,13 +147,19 @@ class ChunkRationer:
             peers = self._served_to[version][index]
             peers.append(requester)
             del peers[:-8]
+            copies = self._copies_to[version]
+            if requester in copies or len(copies) < MAX_TRACKED_PEERS:
+                copies[requester] += 1
         return index, 0.0
 
-    def unserve(self, version: int, index: int) -> None:
+    def unserve(self, version: int, index: int, requester: Optional[str] = None) -> None:
         st = self._state.get(version)
         if st is not None and st[0][index] > 0:
             st[0][index] -= 1
             st[1][index] = -np.inf
+            copies = self._copies_to.get(version)
+            if requester is not None and copies is not None and copies.get(requester, 0) > 0:
+                copies[requester] -= 1
 
     def served_counts(self, version: int) -> Optional[np.ndarray]:
         st = self._state.get(version)
@@ -136,6 +174,7 @@ class UploadStats:
     busy: int = 0
     rationed: int = 0
     failed: int = 0
+    limited: int = 0  # requests answered busy because their peer exceeded its request rate
 
 
 class ChunkServer:
@@ -155,6 +194,7 @@ class ChunkServer:
         max_streams: int = 256,
         max_streams_per_peer: int = 8,
         max_uploads_per_peer: int = 2,
+        requests_per_peer: Optional[float] = None,
     ):
         self.store = store
         self.limiter = limiter
@@ -168,6 +208,7 @@ class ChunkServer:
         self.max_streams_per_peer = max_streams_per_peer
         self.max_uploads_per_peer = max_uploads_per_peer
         self._peer_uploads: Counter = Counter()
+        self.request_rate = PeerRateLimiter(requests_per_peer)
         self._streams = 0
         self._peer_streams: Counter = Counter()
         self._slots: Optional[asyncio.Semaphore] = None
@@ -196,6 +237,11 @@ class ChunkServer:
                 timeout = self.keepalive
                 op = header.get("op")
                 self.stats.requests += 1
+                if not self.request_rate.allow(peer):
+                    self.stats.limited += 1
+                    await self._reply(writer, error_header("busy", "request rate limit",
+                                                           retry_after=0.5 + random.random()))
+                    continue
                 if op == "chunk":
                     await self._chunk(header, writer, peer)
                 elif op == "have":
@@ -299,7 +345,7 @@ class ChunkServer:
         except BaseException:
             self.stats.failed += 1
             if chosen is not None and self.rationer is not None:
-                self.rationer.unserve(vb.version, chosen)
+                self.rationer.unserve(vb.version, chosen, requester or None)
             raise
         finally:
             self._slots.release()

@@ -70,6 +70,20 @@ class SwarmConfig:
     inbox_size: int = option(4096, "accepted groups waiting for the trainer before senders are told 'busy' (at most "
                                    "--max-buffered-steps x --groups-per-step)", role="learner")
     max_push_streams: int = option(64, "concurrent incoming rollout streams", role="learner")
+    max_push_streams_per_peer: int = option(4, "concurrent rollout streams from one peer", role="learner")
+    push_idle_timeout: float = option(15.0, "seconds a rollout stream may go without delivering an accepted group "
+                                            "before it is closed (rejected, refused or junk frames do not keep it "
+                                            "open)", role="learner")
+    fresh_key_share: float = option(0.0625, "fraction of the inbox (at least one slot) shared by sampler keys with "
+                                            "fewer than --trusted-after accepted groups, one waiting group per key; "
+                                            "the rest is split between established keys by their accepted history",
+                                    role="learner")
+    trusted_after: int = option(8, "accepted groups after which a sampler key leaves the fresh-key pool",
+                                role="learner")
+    max_tracked_keys: int = option(100_000, "sampler keys whose accepted history is remembered (least recently "
+                                            "accepted forgotten first)", role="learner")
+    sampler_stats_top: int = option(32, "per-sampler statistics kept for the N busiest keys, the others merged "
+                                        "into one bucket", role="learner")
     retry_min: float = option(0.5, "seconds of the first back-off after a failed delivery", role="sampler")
     retry_max: float = option(30.0, "longest back-off between delivery attempts, in seconds", role="sampler")
     # --- weights ---------------------------------------------------------------------------------------------
@@ -90,6 +104,10 @@ class SwarmConfig:
                                                     "upload limit, at least 5 s)", role="learner")
     max_chunk_bytes: int = option(64 * 1024**2, "largest weight chunk accepted", parse=parse_size, metavar="BYTES",
                                   role="sampler")
+    chunk_requests_per_peer: float = option(200.0, "weight requests (chunk/have/manifest) per second one peer may "
+                                                   "make to this node (bursts of twice that); beyond it the answer "
+                                                   "is busy")
+    max_chunk_streams_per_peer: int = option(8, "concurrent weight streams from one peer")
     max_manifest_bytes: int = option(16 * 1024**2, "largest weight manifest accepted", parse=parse_size,
                                      metavar="BYTES", role="sampler")
 

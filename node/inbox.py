@@ -186,6 +186,11 @@ class DurableInbox:
                 _unlink(self._item_path(a.seq))
         return out
 
+    def pending(self) -> List[Accepted]:
+        """A snapshot of the groups waiting for the trainer, oldest first."""
+        with self._cond:
+            return list(self._queue)
+
     def qsize(self) -> int:
         with self._cond:
             return len(self._queue)

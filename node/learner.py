@@ -18,7 +18,7 @@ import random
 import sys
 import threading
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -34,6 +34,7 @@ from node.intake import Intake, IntakeConfig
 from node.errors import EXIT_INTERRUPTED, EXIT_USAGE, BootstrapError, ConfigError, ModelLoadError, fail
 from node.metrics import GracefulStop, MetricsWriter, StatusLine, quiet_transformers
 from node.preflight import DTYPES, check_dataset, check_model, check_swarm_args, parse_device
+from node.sampler_stats import SamplerStats
 from node.trackers import REPORT_TO_CHOICES, Trackers, wants_tensorboard
 
 if TYPE_CHECKING:
@@ -223,7 +224,7 @@ class Learner:
         self.status = StatusLine(quiet=not self.is_main)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._tokenizer_lock = threading.Lock()  # HF tokenizers are not safe to share across threads
-        self.sampler_stats: dict[str, Counter] = defaultdict(Counter)
+        self.sampler_stats = SamplerStats(getattr(swarm_cfg, "sampler_stats_top", 32))  # bounded, written as deltas
         self.last_eval: float | None = None
         self.last_metrics: dict[str, Any] = {}  # the latest step's, for the heartbeat (node.monitor's plots)
         self.swarm = None
@@ -506,7 +507,7 @@ class Learner:
             "groups_dropped_stale_total": self.counters["dropped_stale"],
             "rejections": rejections,
             "samplers_in_step": dict(per_sampler),
-            "sampler_totals": {k: dict(v) for k, v in self.sampler_stats.items()},
+            **self.sampler_stats.metrics(),  # sampler_delta (+ sampler_totals every 50 lines)
             "bytes_uploaded": swarm.get("bytes_uploaded", 0),
             "inbox": swarm.get("inbox", 0),
             "spot_checks": self.intake.checks(),

@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
+import random
 import threading
 import time
 from collections import Counter
@@ -30,10 +31,12 @@ from protocol.errors import ProtocolError
 from protocol.identity import Identity
 from protocol.manifest import build_manifest, decode_manifest, encode_manifest
 from protocol.records import MAX_BITMAP_BYTES, Ed25519OwnerValidator
+from protocol.rollout import read_sender
 
 from .chunk_server import ChunkRationer, ChunkServer
 from .config import SwarmConfig
 from .dht import SwarmNode, join_command
+from .fairness import InboxShares, KeyHistory, PushStreams
 from .loop import snapshot, wait_event
 from .inbox import Accepted, DurableInbox
 from .ratelimit import TokenBucket
@@ -55,6 +58,10 @@ class LearnerSwarm:
         back). E.g. ``protocol.validate.RolloutValidator(...).validate``. Runs in one worker thread.
     :param decode: rebuilds an item from signed bytes when reloading the durable inbox after a restart (default:
         ``validate``).
+    :param claimed_key: ``claimed_key(signed_bytes) -> key``, read WITHOUT verifying (default: the rollout
+        format's :func:`protocol.rollout.read_sender`): lets a group whose key has no room in the inbox be answered
+        ``busy`` before paying for validation. After validation the key is the item's ``sampler`` attribute (the
+        sender's peer id for items without one). See :mod:`node.fairness` for how the inbox is shared.
     """
 
     def __init__(
@@ -64,6 +71,7 @@ class LearnerSwarm:
         *,
         validate: Callable[[bytes], Any],
         decode: Optional[Callable[[bytes], Any]] = None,
+        claimed_key: Optional[Callable[[bytes], Any]] = read_sender,
     ):
         self.config = config
         if identity is None:
@@ -71,6 +79,7 @@ class LearnerSwarm:
         self.identity = identity
         self.validate = validate
         self.decode = decode or validate
+        self.claimed_key = claimed_key
         self.node = SwarmNode(
             config, record_validators=[Ed25519OwnerValidator(config.run_id, identity, learner=identity.public_key)]
         )
@@ -81,13 +90,19 @@ class LearnerSwarm:
         self.chunk_server = ChunkServer(
             self.store, self.limiter, max_uploads=config.max_uploads, rpc_timeout=config.rpc_timeout,
             stall_timeout=config.stall_timeout, rationer=self.rationer, keepalive=2 * config.rpc_timeout,
+            max_streams_per_peer=config.max_chunk_streams_per_peer,
+            requests_per_peer=config.chunk_requests_per_peer,
         )
         self.inbox = DurableInbox(config.state_dir, maxsize=config.inbox_size)
         self._validator_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollout-validate")
         self.counters: Counter = Counter()
         self.rejections: Counter = Counter()
         self.maddrs: List[str] = []
-        self._push_streams = 0
+        self.history = KeyHistory(config.max_tracked_keys)
+        self.shares = InboxShares(config.inbox_size, self.history, fresh_share=config.fresh_key_share,
+                                  trusted_after=config.trusted_after)
+        self.streams = PushStreams(config.max_push_streams, config.max_push_streams_per_peer,
+                                   config.push_idle_timeout)
         self._tasks: List[asyncio.Task] = []
         self._hb_wake: Optional[asyncio.Event] = None
         self._lock = threading.Lock()
@@ -112,6 +127,8 @@ class LearnerSwarm:
             self.node.start()
             try:
                 reloaded = self.inbox.reload(self.decode)
+                for acc in self.inbox.pending():
+                    self.shares.put(_key_of(acc))
                 if reloaded:
                     logger.info("reloaded %d accepted rollout groups the trainer had not taken yet", reloaded)
                 self.loop.run(self._astart(), self.config.call_timeout)
@@ -238,22 +255,43 @@ class LearnerSwarm:
 
     def get_rollouts(self, max_items: int = 64, timeout: float = 0.0) -> List[Accepted]:
         """Accepted groups, oldest first (at most ``max_items``; waits up to ``timeout`` s for the first)."""
-        return self.inbox.get(max_items, timeout)
+        taken = self.inbox.get(max_items, timeout)
+        for acc in taken:
+            self.shares.taken(_key_of(acc))
+        return taken
+
+    def forget_key(self, key: bytes) -> None:
+        """Drop a sampler key's accepted history (e.g. after banning it): it is back in the fresh-key pool."""
+        self.loop.call_soon(self.history.forget, key)
 
     async def _push(self, peer_id, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cfg = self.config
-        if self._push_streams >= cfg.max_push_streams:
+        slot = self.streams.open(str(peer_id), writer.close)
+        if slot is None:
             self.counters["push_streams_refused"] += 1
+            delay = self.streams.tarpit_delay(str(peer_id))
+            if delay:  # over its own cap: make an impatient reopener wait for its answer
+                self.streams.tarpitted += 1
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    self.streams.tarpitted -= 1
             await send_frame(writer, {"status": "busy", "retry_after": 2.0, "version": self.version},
                              timeout=cfg.rpc_timeout)
+            writer.close()  # no lingering: a refused stream must cost as little as possible
             return
-        self._push_streams += 1
         try:
-            while True:
+            while not slot.closed_by_us:
+                # a stream lives on accepted groups only: junk, rejected or refused frames do not extend it
+                left = cfg.push_idle_timeout - slot.idle_for()
                 try:
-                    header, plen = await recv_header(reader, timeout=cfg.rpc_timeout, max_payload=1 << 40)
+                    header, plen = await recv_header(reader, timeout=max(0.05, min(cfg.rpc_timeout, left)),
+                                                     max_payload=1 << 40)
                 except WireError as e:
                     if e.eof:
+                        return
+                    if self.streams.expired(slot):
+                        writer.close()  # hang up now: no lingering for a stream that delivers nothing
                         return
                     raise
                 if header.get("op") != "push":
@@ -268,10 +306,15 @@ class LearnerSwarm:
                     return
                 payload = await recv_payload(reader, plen, timeout=cfg.stall_timeout)
                 answer = await self._accept(payload, str(peer_id))
+                if answer["status"] == "accepted":
+                    slot.delivered()
                 answer["version"] = self.version
                 await send_frame(writer, answer, timeout=cfg.rpc_timeout)
+                if self.streams.expired(slot):
+                    writer.close()
+                    return
         finally:
-            self._push_streams -= 1
+            self.streams.release(slot)
 
     async def _accept(self, payload: bytes, sender: str) -> Dict[str, Any]:
         digest = hashlib.sha256(payload).digest()
@@ -281,16 +324,22 @@ class LearnerSwarm:
         if self.inbox.full():
             self.counters["busy"] += 1
             return {"status": "busy", "retry_after": 1.0}
+        if self.claimed_key is not None:  # no room for this key: say so before paying for validation
+            try:
+                claimed = self.claimed_key(payload)
+            except ProtocolError as e:
+                return self._rejected(e)
+            except Exception:
+                claimed = None
+            if claimed is not None and not self.shares.admits(claimed):
+                return self._busy_share(claimed)
         loop = asyncio.get_running_loop()
         try:
             item = await asyncio.wait_for(
                 loop.run_in_executor(self._validator_pool, self.validate, payload), self.config.rpc_timeout
             )
         except ProtocolError as e:
-            reason = getattr(e.reason, "value", str(e.reason))
-            self.rejections[reason] += 1
-            self.counters["rejected"] += 1
-            return {"status": "rejected", "reason": reason, "detail": str(e.detail)[:200]}
+            return self._rejected(e)
         except asyncio.TimeoutError:
             self.counters["busy"] += 1
             return {"status": "busy", "retry_after": 5.0}
@@ -298,11 +347,30 @@ class LearnerSwarm:
             logger.exception("the rollout validator failed (the group is kept by the sender): %r", e)
             self.counters["validator_errors"] += 1
             return {"status": "busy", "retry_after": 5.0}
-        if not self.inbox.put(Accepted(item, payload, digest, sender, time.time())):
+        accepted = Accepted(item, payload, digest, sender, time.time())
+        key = _key_of(accepted)
+        if not self.shares.admits(key):  # others took the room while this one was validated
+            return self._busy_share(key)
+        self.shares.put(key)
+        if not self.inbox.put(accepted):
+            self.shares.taken(key)
             self.counters["duplicate"] += 1
             return {"status": "duplicate"}
+        self.history.accepted(key)
         self.counters["accepted"] += 1
         return {"status": "accepted"}
+
+    def _rejected(self, e: ProtocolError) -> Dict[str, Any]:
+        reason = getattr(e.reason, "value", str(e.reason))
+        self.rejections[reason] += 1
+        self.counters["rejected"] += 1
+        return {"status": "rejected", "reason": reason, "detail": str(e.detail)[:200]}
+
+    def _busy_share(self, key) -> Dict[str, Any]:
+        self.counters["busy"] += 1
+        trusted = self.shares.is_trusted(key)
+        self.counters["busy_share" if trusted else "busy_fresh"] += 1
+        return {"status": "busy", "retry_after": 1.0 if trusted else 2.0 + random.random()}
 
     # ------------------------------------------------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
@@ -318,6 +386,9 @@ class LearnerSwarm:
             "upload_by_version": snapshot(self.chunk_server.bytes_by_version),
             "busy_answers": s.busy,
             "rationed_answers": s.rationed,
+            "chunk_requests_limited": s.limited,
+            **self.shares.snapshot(),
+            **self.streams.snapshot(),
         }
 
     def shutdown(self) -> None:
@@ -345,3 +416,9 @@ class LearnerSwarm:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _key_of(accepted: Accepted) -> Any:
+    """The sampler key a group counts against: the authenticated ``sampler`` of the item, else the sender peer."""
+    key = getattr(accepted.item, "sampler", None)
+    return bytes(key) if key else accepted.sender

@@ -117,6 +117,7 @@ class SamplerSwarm:
         self.chunk_server = ChunkServer(
             self.store, self.limiter, max_uploads=config.max_uploads, rpc_timeout=config.rpc_timeout,
             stall_timeout=config.stall_timeout, keepalive=2 * config.rpc_timeout,
+            max_streams_per_peer=config.max_chunk_streams_per_peer, requests_per_peer=config.chunk_requests_per_peer,
         )
         self.serving = config.swarming and not config.client_mode
         self.blacklist = Blacklist()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from node.local import LOOPBACK, Proc, join_args
 from node.metrics import read_metrics
+from node.sampler_stats import fold_sampler_stats
 
 RECIPE = "recipes/tiny-demo.yaml"
 ONE_THREAD = ["--torch-threads", "1"]  # four processes share the cores: more threads would spin at OpenMP barriers
@@ -67,7 +68,7 @@ def summarize(run_dir: Path, samplers: list[tuple[str, Path]]) -> str:
         lines.append(f"final policy version {last['policy_version']} after {last['step']} learner steps; "
                      f"rejections {last.get('rejections', {}) or 'none'}")
     learner_up = steps[-1].get("bytes_uploaded", 0) if steps else 0
-    totals_by_key = steps[-1].get("sampler_totals", {}) if steps else {}
+    totals_by_key = fold_sampler_stats(steps)
     lines.append("")
     lines.append(f"{'sampler':<18}{'key':<10}{'version':>8}{'sent':>7}{'accepted':>10}{'mean lag':>10}{'stale':>7}"
                  f"{'rejected':>10}{'MB down':>9}{'MB up':>7}")

@@ -43,9 +43,22 @@ def synthetic_weights(version: int, size: int) -> bytes:
     return np.random.default_rng(version).bytes(size)
 
 
+def overrides(pairs) -> dict:
+    """``--set name=value`` pairs as SwarmConfig fields, each value converted to its field's default's type."""
+    from node.config import SwarmConfig
+
+    d = SwarmConfig()
+    out = {}
+    for pair in pairs or []:
+        name, value = pair.split("=", 1)
+        out[name] = type(getattr(d, name))(value)
+    return out
+
+
 def make_config(a: argparse.Namespace, **extra: Any):
     from node.config import SwarmConfig
 
+    extra = {**overrides(a.set), **extra}
     return SwarmConfig(
         run_id=a.run_id,
         peers=list(a.peers or []),
@@ -108,10 +121,12 @@ def run_learner(a: argparse.Namespace) -> None:
     def consume() -> None:
         while not stop.is_set():
             with taking:
-                for acc in swarm.get_rollouts(max_items=64, timeout=0.2):
+                for acc in swarm.get_rollouts(max_items=1 if a.take_rate else 64, timeout=0.2):
                     g = acc.item
                     emit(event="rollout", sampler=g.sampler.hex(), seq=g.seq, sender=acc.sender,
-                         received_at=acc.received_at)
+                         received_at=acc.received_at, t=time.time())
+            if a.take_rate:  # a trainer slower than its samplers: the inbox fills and its shares matter
+                time.sleep(1.0 / a.take_rate)
 
     threading.Thread(target=consume, daemon=True).start()
     try:
@@ -218,6 +233,8 @@ def main() -> None:
     p.add_argument("--client-mode", action="store_true")
     p.add_argument("--evil", action="store_true", help="serve corrupted chunks")
     p.add_argument("--keep-trying", action="store_true", help="start and wait even if the learner is down")
+    p.add_argument("--take-rate", type=float, default=0.0, help="learner: groups/s the trainer side takes (0: all)")
+    p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="other SwarmConfig fields")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("hivemind").setLevel(logging.WARNING)
