@@ -450,6 +450,8 @@ class Learner:
                 kept = [p for p in pending if p[0].tag[0] not in banned]
                 self.intake.counts["dropped_banned"] += len(pending) - len(kept)
                 pending = kept
+                for key in banned:  # and its standing in the inbox shares (node/fairness.py)
+                    self.swarm.forget_key(bytes.fromhex(key))
             need = max(1, self.cfg.groups_per_step - len(pending))
             for accepted in self.swarm.get_rollouts(max_items=need, timeout=0.5):
                 last_rollout = time.monotonic()
