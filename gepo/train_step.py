@@ -27,6 +27,7 @@ from gepo.advantages import group_advantages
 from gepo.config import LossConfig
 from gepo.logprobs import token_entropy, token_logprobs
 from gepo.objectives import compute_loss
+from gepo.precision import Precision
 
 
 @dataclass
@@ -210,13 +211,15 @@ def train_step(
     lr_scheduler: Any | None = None,
     accelerator: Any | None = None,
     step_index: int = 0,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
     """Perform one optimizer update on `groups` and return its metrics.
 
     Advantages are computed over the whole step (so "batch" std scaling sees every row); the loss of each micro-batch
     is normalised by step-wide row and token counts, so the accumulated gradient equals the full-batch gradient.
     With an `accelerate.Accelerator`, backward and clipping go through it and gradient sync happens only on the last
-    micro-batch.
+    micro-batch. `precision` runs the forward passes in its compute dtype over float32 master weights (autocast, and
+    loss scaling for fp16); under an accelerator its own mixed_precision does that instead.
     """
     if not groups:
         raise ValueError("train_step needs at least one group")
@@ -225,6 +228,7 @@ def train_step(
         raise ValueError("loss.beta > 0 needs a ref_model")
     t0 = time.perf_counter()
     device = next(model.parameters()).device
+    amp = precision or Precision()  # float32: no autocast, no scaling
 
     rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
     group_ids = torch.tensor([gi for gi, g in enumerate(groups) for _ in range(g.size)], dtype=torch.long)
@@ -248,11 +252,12 @@ def train_step(
         last = mb_index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(model)
         with sync:
-            logits = completion_logits(model, batch)
+            with amp.autocast():
+                logits = completion_logits(model, batch)
             logp = token_logprobs(logits, batch["completion_ids"], loss_cfg.temperature, chunk)
             ref_logp = None
             if loss_cfg.beta > 0:
-                with torch.no_grad():
+                with torch.no_grad(), amp.autocast():
                     ref_logits = completion_logits(ref_model, batch)
                     ref_logp = token_logprobs(ref_logits, batch["completion_ids"], loss_cfg.temperature, chunk)
             loss, metrics = compute_loss(
@@ -273,12 +278,14 @@ def train_step(
             if accelerator is not None:
                 accelerator.backward(loss)
             else:
-                loss.backward()
+                amp.backward(loss)
         del logits, logp, loss
         parts.append((metrics, len(mb_rows)))
 
     params = [p for p in model.parameters() if p.grad is not None]
     clip_to = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+    lr = float(optimizer.param_groups[0]["lr"])  # the rate this step uses (a scheduler moves it on below)
+    amp.unscale_(optimizer)
     if accelerator is not None:
         grad_norm = accelerator.clip_grad_norm_(params, clip_to)
     else:
@@ -287,9 +294,10 @@ def train_step(
     if not math.isfinite(grad_norm):
         # A non-finite gradient would poison the weights that get published to the whole swarm: skip the update.
         optimizer.zero_grad(set_to_none=True)
+        amp.skip()
         skipped = 1.0
     else:
-        optimizer.step()
+        amp.step(optimizer)
         if lr_scheduler is not None:
             lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -305,7 +313,7 @@ def train_step(
         num_rows=float(step_rows),
         num_tokens=float(step_tokens),
         num_micro_batches=float(len(micro_batches)),
-        lr=float(optimizer.param_groups[0]["lr"]),
+        lr=lr,
         step_time_s=time.perf_counter() - t0,
     )
     if current_version is not None:

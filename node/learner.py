@@ -35,8 +35,9 @@ from node.checkpoint import RunState, latest_checkpoint, load_optimizer, load_ru
 from node.dht import BootstrapError, ConfigError
 from node.cli import add_dataclass_args, add_process_args, dataclass_from_args, option, parse_with_recipe, setup_process
 from node.metrics import GracefulStop, MetricsWriter, StatusLine, quiet_transformers
-from node.model_io import (ModelLoadError, load_policy, policy_files, policy_tensors, resolve_device, resolve_dtype,
-                           run_file)
+from node.model_io import ModelLoadError, policy_files, resolve_device, resolve_dtype, run_file
+from node import policy_setup as ps
+from node.policy_setup import PolicyConfig
 from node.run_info import QuestionSet, RunInfo
 from protocol.errors import ProtocolError, Reason
 from protocol.rollout import RolloutGroup, prompt_hash
@@ -48,7 +49,8 @@ log = logging.getLogger("node.learner")
 class LearnerConfig:
     model: str | None = option(None, "model folder or hub id (default: the built-in tiny policy)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = option("auto", "float32, bfloat16, float16 or auto (bf16 on a GPU that has it, else fp32)")
+    dtype: str = option("auto", "compute dtype (autocast over fp32 master weights): float32, bfloat16, float16 "
+                                "(with loss scaling) or auto (bf16 on a GPU that has it, else fp32)")
     run_dir: str = option("runs/learner", "checkpoints, metrics.jsonl, TensorBoard logs and swarm state")
     resume: bool = option(False, "continue from the newest checkpoint in --run-dir, keeping its version numbering")
     online: bool = option(False, "sample inside the learner in lockstep (zero delay) instead of from the swarm")
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_process_args(parser)
     add_dataclass_args(parser, LearnerConfig, "learner")
+    add_dataclass_args(parser, PolicyConfig, "policy: precision, reference, schedule, LoRA (node.policy_setup)")
     add_dataclass_args(parser, LossConfig, "objective (gepo.config.LossConfig)", rename={"loss_type": "loss"},
                        skip=("temperature", "max_completion_length"))
     add_dataclass_args(parser, DataConfig, "prompt data (gepo.data.DataConfig)", prefix="data_",
@@ -102,8 +105,11 @@ class Learner:
     """Model, optimizer, prompts, rewards and bookkeeping; `run()` picks the rollout source."""
 
     def __init__(self, cfg: LearnerConfig, loss: LossConfig, data: DataConfig, swarm_cfg: Any = None,
-                 stop: GracefulStop | None = None) -> None:
+                 stop: GracefulStop | None = None, policy: PolicyConfig | None = None) -> None:
+        from gepo.precision import Precision
+
         self.cfg = cfg
+        self.policy_cfg = policy = policy or PolicyConfig()
         self.loss = dataclasses.replace(loss, temperature=cfg.temperature, max_completion_length=cfg.max_new_tokens)
         self.data_cfg = data
         self.swarm_cfg = swarm_cfg
@@ -113,22 +119,25 @@ class Learner:
 
         # Under `accelerate launch` / torchrun (WORLD_SIZE > 1) every rank trains on its share of each step's
         # groups (DDP, or DeepSpeed ZeRO-2 from an accelerate config); only the main rank is on the swarm.
-        self.acc = _accelerator(cfg.device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        self.acc = _accelerator(cfg.device, cfg.dtype) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         self.is_main = self.acc is None or self.acc.is_main_process
         if not self.is_main:
             logging.getLogger().setLevel(logging.WARNING)  # one rank speaks for the run
         self.device = str(self.acc.device) if self.acc is not None else resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, self.device)
+        dtype = resolve_dtype(cfg.dtype, self.device) if self.acc is None else ps.accelerator_compute_dtype(self.acc)
+        # fp32 master weights with autocast here; under accelerate its mixed_precision (DeepSpeed: its fp32 copy).
+        self.precision = Precision.for_device(self.device, dtype) if self.acc is None else Precision()
+        self.publish_dtype = ps.resolve_publish_dtype(policy.publish_dtype, self.device, dtype)
         self.state = RunState()
         checkpoint = latest_checkpoint(self.run_dir) if cfg.resume else None
         if cfg.resume and checkpoint is None:
             log.warning("--resume: no checkpoint in %s, starting fresh", self.run_dir)
-        model_ref = str(checkpoint / "model") if checkpoint else cfg.model
-        self.model, self.tokenizer = load_policy(model_ref, self.device, dtype)
+        self.model, self.tokenizer = ps.build_policy(policy, cfg.model, checkpoint, self.device, dtype)
         self.model.config.use_cache = False
         self.optimizer = self._make_optimizer()
+        self.lr_scheduler = ps.build_scheduler(policy, self.optimizer, cfg.max_steps)
         if checkpoint:
-            load_optimizer(checkpoint, self.optimizer, accelerator=self.acc)
+            load_optimizer(checkpoint, self.optimizer, self.lr_scheduler, accelerator=self.acc)
             self.state = load_run_state(checkpoint)
             log.info("resumed from %s at step %d, policy version %d", checkpoint, self.state.step,
                      self.state.policy_version)
@@ -143,6 +152,8 @@ class Learner:
         self.rejections: Counter = Counter(self.state.counters.get("rejections", {}))
 
         self.prompts: PromptSet = load_prompts(data)
+        self.prompts, self.prompts_skipped = ps.drop_long_prompts(self.prompts, self.tokenizer, cfg.system_prompt,
+                                                                  policy.max_prompt_length)
         self.eval_prompts: PromptSet | None = None
         if cfg.eval_every > 0 and data.source == "synthetic":
             self.eval_prompts = load_prompts(dataclasses.replace(data, split="test", max_examples=cfg.eval_size))
@@ -155,6 +166,8 @@ class Learner:
             self.model = self.acc.unwrap_model(self.train_model)  # generation, evaluation and publishing
             if checkpoint:
                 load_optimizer(checkpoint, self.optimizer, accelerator=self.acc, after_prepare=True)
+        self.ref_model = (ps.build_reference(policy, self.model, cfg.model, self.device, dtype, self.acc)
+                          if self.loss.beta > 0 else None)
         self.scorer = RewardScorer(RewardConfig(accuracy_weight=cfg.accuracy_weight, format_weight=cfg.format_weight,
                                                 num_workers=cfg.reward_workers))
         self.scorer.warm_up()
@@ -208,7 +221,7 @@ class Learner:
     def evaluate(self) -> float:
         assert self.eval_prompts is not None
         questions = [ex.question for ex in self.eval_prompts]
-        with self._tokenizer_lock:
+        with self._tokenizer_lock, self.precision.autocast():
             texts = greedy_completions(self.model, self.tokenizer, questions, max_new_tokens=self.cfg.max_new_tokens,
                                        system_prompt=self.cfg.system_prompt)
         results = self.scorer.score(texts, [ex.answer for ex in self.eval_prompts])
@@ -222,12 +235,15 @@ class Learner:
         """One optimizer step on `groups` (all of the step's groups, or this rank's share when `sharded`)."""
         mine = groups if sharded else self._my_share(groups)
         metrics = train_step(self.train_model, self.optimizer, mine, self.step_cfg, pad_token_id=self.pad_id,
-                             current_version=self.version, step_index=self.state.step, accelerator=self.acc)
+                             current_version=self.version, step_index=self.state.step, accelerator=self.acc,
+                             ref_model=self.ref_model, lr_scheduler=self.lr_scheduler, precision=self.precision)
         self.state.step += 1
         self.state.policy_version += 1
         self.counters["tokens_trained"] += sum(len(c) for g in mine for c in g.completion_ids)
         metrics["accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0
         metrics["policy_version"] = self.version
+        if self.policy_cfg.max_prompt_length:
+            metrics["prompts_skipped_too_long"] = self.prompts_skipped
         metrics.update(extra)
         lags = [self.version - 1 - g.policy_version for g in groups]
         metrics["staleness_hist"] = dict(Counter(lags))
@@ -242,7 +258,8 @@ class Learner:
 
     def checkpoint(self) -> None:
         self.state.counters = {"counters": dict(self.counters), "rejections": dict(self.rejections)}
-        save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.state, accelerator=self.acc)
+        save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.state,
+                        scheduler=self.lr_scheduler, accelerator=self.acc)
 
     def close(self) -> None:
         self.scorer.close()
@@ -264,7 +281,8 @@ class Learner:
             indices = self._my_share([rng.randrange(len(self.prompts)) for _ in range(self.cfg.groups_per_step)])
             prompts = [list(self.prompt_ids(i)) for i in indices]
             sampling = dataclasses.replace(params, seed=self.cfg.seed * 7919 + self.state.step)
-            generated = generate_groups(self.model, prompts, sampling, eos=self.tokenizer, pad_token_id=self.pad_id)
+            with self.precision.autocast():
+                generated = generate_groups(self.model, prompts, sampling, eos=self.tokenizer, pad_token_id=self.pad_id)
             self.model.train()
             t_sample = time.perf_counter() - t0
             groups, accuracies = [], []
@@ -297,7 +315,7 @@ class Learner:
         return int(marker.read_text()) if marker.is_file() else None
 
     def publish(self) -> None:
-        tensors = policy_tensors(self.model)
+        tensors = ps.published_tensors(self.model, self.publish_dtype)  # master weights (LoRA: merged), rounded
         files = {**policy_files(self.model, self.tokenizer), **run_file(self.run_info().to_json())}
         t0 = time.perf_counter()
         self.swarm.report(step=self.state.step, stale=self.counters["dropped_stale"],  # heartbeat: node.monitor
@@ -435,10 +453,13 @@ class Learner:
             self.run_swarm()
 
 
-def _accelerator(device: str) -> Any:
+def _accelerator(device: str, dtype: str) -> Any:
     from accelerate import Accelerator
 
-    return Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
+    from node.policy_setup import accelerate_mixed_precision
+
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, mixed_precision=accelerate_mixed_precision(dtype, "cpu" if cpu else "cuda"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,12 +474,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclass_from_args(LearnerConfig, args)
         loss = dataclass_from_args(LossConfig, args)
         data = dataclass_from_args(DataConfig, args, prefix="data_")
+        policy = dataclass_from_args(PolicyConfig, args)
         swarm_cfg = SwarmConfig.from_args(args)
         if swarm_cfg.state_dir is None:
             swarm_cfg = swarm_cfg.replace(state_dir=str(Path(cfg.run_dir) / "swarm"))
         swarm_cfg = swarm_cfg.with_defaults_for_state_dir()
         swarm_cfg = swarm_cfg.replace(inbox_size=min(swarm_cfg.inbox_size, cfg.max_buffered_steps * cfg.groups_per_step))
-        learner = Learner(cfg, loss, data, swarm_cfg, stop=stop)
+        learner = Learner(cfg, loss, data, swarm_cfg, stop=stop, policy=policy)
     except (ValueError, DataError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
