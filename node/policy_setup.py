@@ -47,7 +47,8 @@ class PolicyConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in backward: much less memory for long "
                                                  "completions, ~30% more compute")
     max_prompt_length: int = option(0, "skip prompts longer than this many tokens (chat template included) when the "
-                                       "prompt set is loaded, counted as prompts_skipped_too_long (0: no limit)")
+                                       "prompt set is loaded, counted as prompts_skipped_too_long (0: no limit; "
+                                       "tokenizing the set costs ~1 s per 10k prompts at start-up)")
     lora_r: int = option(0, "LoRA rank (0: off, full fine-tuning); needs the optional extra: pip install -e '.[peft]'")
     lora_alpha: int = option(16, "LoRA scaling numerator (the update is scaled by alpha / r)")
     lora_dropout: float = option(0.0, "dropout on the LoRA branch's input")
@@ -268,11 +269,16 @@ def drop_long_prompts(prompts: "PromptSet", tokenizer: Any, system_prompt: str |
     Skipped rather than truncated: cutting a math problem removes its end, usually the question itself, and its
     reward would grade an answer to a question that was never asked. The kept set is re-indexed (samplers receive
     its questions), so nothing downstream sees a gap."""
-    from gepo.data import DataError, TablePromptSet, format_prompt
+    from gepo.data import DataError, TablePromptSet, format_prompts
 
     if max_length <= 0:
         return prompts, 0
-    kept = [ex for ex in prompts if len(format_prompt(tokenizer, ex.question, system_prompt)) <= max_length]
+    examples = list(prompts)
+    kept = []
+    for start in range(0, len(examples), 4096):  # batched: a whole data set is tokenized once, at start-up
+        batch = examples[start : start + 4096]
+        ids = format_prompts(tokenizer, [ex.question for ex in batch], system_prompt)
+        kept += [ex for ex, prompt in zip(batch, ids) if len(prompt) <= max_length]
     skipped = len(prompts) - len(kept)
     if not kept:
         raise DataError(f"--max-prompt-length {max_length}: every prompt of {prompts.name} is longer")

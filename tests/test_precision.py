@@ -8,6 +8,7 @@ merged plain model a sampler loads; the scheduler and the optimizer continue exa
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import numpy as np
 import pytest
@@ -24,7 +25,8 @@ from scripts.bench.bench_precision import fixed_groups, run_modes
 
 pytestmark = pytest.mark.timeout(600)
 
-peft = pytest.importorskip("peft", reason="LoRA needs the optional extra: pip install -e '.[peft]'")
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                                reason="LoRA needs the optional extra: pip install -e '.[peft]'")
 
 # Loss trajectory tolerance of bf16 autocast against fp32, at lr 1e-6 on the fixed batch below. Measured: the
 # per-step losses differ by <= 1.4e-3 (bf16 rounding of the logits; the losses themselves fall by ~1e-3 per step),
@@ -147,6 +149,7 @@ def test_scheduler_warms_up_decays_and_restores_from_a_checkpoint(tiny, tmp_path
         PolicyConfig(warmup_steps=-1)
 
 
+@needs_peft
 def test_lora_trains_checkpoints_resumes_and_publishes_the_merged_policy(tiny, tmp_path, one_thread):
     from node.checkpoint import RunState, latest_checkpoint, load_optimizer, save_checkpoint
 
@@ -209,6 +212,7 @@ def test_lora_trains_checkpoints_resumes_and_publishes_the_merged_policy(tiny, t
         assert torch.allclose(sampler_model(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-4)
 
 
+@needs_peft
 def test_lora_config_errors_are_clear():
     with pytest.raises(ValueError, match="lora-dropout"):
         PolicyConfig(lora_r=4, lora_dropout=1.5)
