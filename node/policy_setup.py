@@ -14,9 +14,11 @@ Heavy imports (torch, transformers, peft) happen inside the functions: the flag 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,7 +143,8 @@ def build_policy(cfg: PolicyConfig, model: str | None, checkpoint: Path | None, 
         if saved is not None:
             _check_adapter_base(saved, model)
             try:
-                policy = peft.PeftModel.from_pretrained(base, str(saved), is_trainable=True)
+                with _quiet_peft():
+                    policy = peft.PeftModel.from_pretrained(base, str(saved), is_trainable=True)
             except (OSError, ValueError, KeyError) as exc:
                 raise ModelLoadError(f"cannot load the LoRA adapters in {saved}: {str(exc).splitlines()[0]}") from None
         else:
@@ -150,7 +153,8 @@ def build_policy(cfg: PolicyConfig, model: str | None, checkpoint: Path | None, 
             lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                    target_modules=target, task_type="CAUSAL_LM")
             try:
-                policy = peft.get_peft_model(base, lora)  # adapters in float32 (autocast_adapter_dtype)
+                with _quiet_peft():
+                    policy = peft.get_peft_model(base, lora)  # adapters in float32 (autocast_adapter_dtype)
             except ValueError as exc:
                 raise ValueError(f"--lora-target-modules {' '.join(cfg.lora_target_modules)}: "
                                  f"{str(exc).splitlines()[0]}") from None
@@ -162,6 +166,13 @@ def build_policy(cfg: PolicyConfig, model: str | None, checkpoint: Path | None, 
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     check_master_weights(policy, Precision(compute_dtype))
     return policy, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Any:
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for a user to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _check_adapter_base(saved: Path, model: str | None) -> None:

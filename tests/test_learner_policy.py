@@ -107,7 +107,7 @@ def test_swarm_lora_with_beta_trains_checkpoints_resumes_and_publishes_the_merge
     try:
         learner = Proc(learner_args(run_dir, *lora, "--max-steps", "3", *LOOPBACK), tmp_path / "learner1.log")
         procs.append(learner)
-        join = join_args(learner)
+        join = join_args(learner, timeout=300)
         port = re.search(r"/tcp/(\d+)/", " ".join(join)).group(1)
         sampler = Proc(["-m", "node.sampler", *join, "--state-dir", str(tmp_path / "s"), "--batch-prompts", "2",
                         "--torch-threads", "1", *LOOPBACK], tmp_path / "s.log")
