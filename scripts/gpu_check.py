@@ -4,7 +4,9 @@
     python -m scripts.gpu_check --dry                                                        # CPU plumbing check
 
 The learner trains with bf16 autocast over fp32 master weights (--dtype bfloat16) and publishes bf16 versions; one
-sampler generates with transformers, the other with vLLM, both on the same GPU. Printed at the end (and written to
+sampler generates with transformers, the other with vLLM, both on the same GPU. The learner is stopped (gracefully,
+with a checkpoint) once it has taken --steps steps and groups from every sampler; vLLM's engine takes a minute or
+more to start, and a fast sampler alone could otherwise feed every step before the other joins. Printed at the end (and written to
 OUT/summary.json): the learner's step time and trained tokens/s, each sampler's accepted tokens/s, and the peak
 memory of every process (GPU: nvidia-smi, polled every second; host: the kernel's resident high-water mark).
 `--dry` runs the same plumbing on the CPU with the tiny policy and two HF samplers, so it can be checked anywhere.
@@ -100,7 +102,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/gpu-check", help="run folder (logs, metrics, summary.json)")
     parser.add_argument("--steps", type=int, default=6, help="learner steps")
     parser.add_argument("--dry", action="store_true", help="CPU plumbing check: tiny policy, two HF samplers")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds for the whole run")
+    parser.add_argument("--timeout", type=float, default=360, help="seconds for the whole run")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -108,16 +110,15 @@ def main() -> int:
     out.mkdir(parents=True)
     device = "cpu" if args.dry else "cuda"
     learner_cmd = ["-m", "node.learner", "--run-dir", str(out / "learner"), "--run-id", "gpu-check",
-                   "--device", device, "--dtype", "bfloat16", "--lr", "1e-6", "--max-steps", str(args.steps),
+                   "--device", device, "--dtype", "bfloat16", "--lr", "1e-6", "--max-steps", "100000",
                    "--group-size", "4", "--groups-per-step", "8", "--max-new-tokens", "16" if args.dry else "64",
-                   "--micro-batch-rows", "32", "--eval-every", "0", "--checkpoint-every", str(args.steps),
+                   "--micro-batch-rows", "32", "--eval-every", "0", "--checkpoint-every", "100000",
                    "--reward-workers", "2", "--max-staleness", "4", "--wait-timeout", "300", *LOOPBACK]
     if args.dry:
         learner_cmd += ["--model", "tiny", "--torch-threads", "1"]
     else:
         learner_cmd += ["--model", args.model, "--system-prompt", SYSTEM, "--data-difficulty", "1"]
-    # vLLM first: its engine takes a minute or more to start, and the HF sampler alone could feed every step.
-    backends = ["hf", "hf"] if args.dry else ["vllm", "hf"]
+    backends = ["hf", "hf"] if args.dry else ["hf", "vllm"]
     procs: list[Proc] = []
     summary: dict = {"device": device, "model": "tiny" if args.dry else args.model, "steps": args.steps}
     t0 = time.monotonic()
@@ -136,49 +137,57 @@ def main() -> int:
                 if args.dry:
                     cmd += ["--torch-threads", "1"]
                 samplers.append(Proc(cmd, out / f"sampler-{backend}-{i}.log"))
-                if i == 0:
-                    samplers[0].wait_for(r"policy version \d+ loaded", timeout=300)
             procs += samplers
-            learner.wait_for(rf"done: step {args.steps}\b", timeout=max(10.0, args.timeout - (time.monotonic() - t0)))
+            keys = [p.wait_for(r"joined as ed25519:([0-9a-f]{8})", timeout=300).group(1) for p in samplers]
+            metrics_path = out / "learner" / "metrics.jsonl"
+            while True:  # until --steps steps are done and every sampler's groups were trained on
+                steps = [m for m in read_metrics(metrics_path) if "loss" in m] if metrics_path.is_file() else []
+                totals = steps[-1].get("sampler_totals", {}) if steps else {}
+                if len(steps) >= args.steps and all(totals.get(k, {}).get("accepted", 0) > 0 for k in keys):
+                    break
+                if learner.popen.poll() is not None or time.monotonic() - t0 > args.timeout:
+                    print(f"FAILED: {len(steps)} steps, groups per sampler {[totals.get(k, {}) for k in keys]}, "
+                          f"learner exit {learner.popen.returncode}\n{learner.tail()}", file=sys.stderr)
+                    return 1
+                time.sleep(1.0)
             wall = time.monotonic() - t0
             rss = {"learner": peak_rss_mb(learner.pid)}
             gpu_mb = {"learner": gpu.of_tree(learner.pid)}
             for i, (backend, p) in enumerate(zip(backends, samplers)):
                 rss[f"sampler-{backend}-{i}"] = peak_rss_mb(p.pid)
                 gpu_mb[f"sampler-{backend}-{i}"] = gpu.of_tree(p.pid)
+            learner.stop(60)  # graceful: finishes its step and writes a checkpoint
         finally:
             stop_all(procs)
-    if learner.popen.returncode not in (0, None):
-        print(learner.tail(), file=sys.stderr)
-        return 1
 
     steps = [m for m in read_metrics(out / "learner" / "metrics.jsonl") if "loss" in m]
     step_times = [m["step_time_s"] for m in steps]
     trained = sum(m["num_tokens"] for m in steps)
     totals = steps[-1].get("sampler_totals", {})
-    summary.update(wall_s=wall, step_time_s_median=statistics.median(step_times),
+    window = steps[-1]["time"] - steps[0]["time"] + steps[0]["step_time_s"]  # first step's start to the last's end
+    summary.update(wall_s=wall, training_window_s=window, steps=len(steps), step_time_s_median=statistics.median(step_times),
                    learner_tokens_per_s=trained / sum(step_times), peak_rss_mb=rss, peak_gpu_mb=gpu_mb,
                    losses=[m["loss"] for m in steps], samplers={})
-    for i, backend in enumerate(backends):
+    for i, (backend, key) in enumerate(zip(backends, keys)):
         stats_path = out / f"sampler-{backend}-{i}" / "stats.json"
         stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
-        key = str(stats.get("public_key", "")).split(":")[-1][:8]
         accepted = totals.get(key, {})
         summary["samplers"][f"{backend}-{i}"] = {"groups_accepted": accepted.get("accepted", 0),
-                                                 "tokens_per_s": accepted.get("tokens", 0) / wall,
+                                                 "tokens_per_s": accepted.get("tokens", 0) / window,
                                                  "sent": stats.get("sent")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
-    print(f"\n== gpu check ({device}, {summary['model']}, {len(steps)} steps in {wall:.0f} s) ==")
+    print(f"\n== gpu check ({device}, {summary['model']}, {len(steps)} steps in {window:.0f} s, {wall:.0f} s "
+          f"with start-up) ==")
     print(f"learner  step {summary['step_time_s_median']:.2f} s (median)  {summary['learner_tokens_per_s']:.0f} "
           f"trained tokens/s  peak GPU {_mb(gpu_mb['learner'])}  peak RSS {_mb(rss['learner'])}")
     for i, backend in enumerate(backends):
         s = summary["samplers"][f"{backend}-{i}"]
         name = f"sampler-{backend}-{i}"
-        print(f"{name:<16} {s['tokens_per_s']:.0f} accepted tokens/s ({s['groups_accepted']} groups)  "
+        print(f"{name:<16} {s['tokens_per_s']:.0f} tokens/s trained from it ({s['groups_accepted']} groups)  "
               f"peak GPU {_mb(gpu_mb[name])}  peak RSS {_mb(rss[name])}")
-    ok = len(steps) == args.steps and all(s["groups_accepted"] > 0 for s in summary["samplers"].values())
-    print("OK" if ok else "FAILED: a sampler delivered nothing or the learner fell short of its steps")
+    ok = learner.popen.returncode == 130 and (out / "learner" / "checkpoints" / "LATEST").is_file()
+    print("OK" if ok else f"FAILED: the learner's graceful stop gave exit {learner.popen.returncode}")
     return 0 if ok else 1
 
 
