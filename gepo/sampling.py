@@ -147,14 +147,19 @@ def _pad_id(model: Any, eos_ids: tuple[int, ...], pad_token_id: int | None) -> i
     return eos_ids[0]
 
 
+def _forward_params(model: Any) -> Any:
+    # A peft (LoRA) model's forward takes **kwargs and hands them to the model it wraps: read that one's signature.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inspect.signature(inner.forward).parameters
+
+
 def _cache_kwarg(model: Any) -> str:
     """Name of the KV-cache argument of model.forward: `cache` in newer transformers, `past_key_values` before."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
 
 
 def _supports_logits_to_keep(model: Any) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return "logits_to_keep" in _forward_params(model)
 
 
 def _new_cache(model: Any) -> Any:

@@ -29,6 +29,7 @@ from gepo.logprobs import token_entropy, token_logprobs
 from gepo.objectives import compute_loss
 from gepo.plausibility import TRAIN_ERROR, GroupGuard
 from protocol.group_rules import group_problem
+from gepo.precision import Precision
 
 
 @dataclass
@@ -182,11 +183,11 @@ def recompute_logprobs(model: torch.nn.Module, prompt_ids: Sequence[int], comple
     return [lp[i, : len(c)].float().cpu().tolist() for i, c in enumerate(completions)]
 
 
-def _backward(loss: torch.Tensor, accelerator: Any | None) -> None:
+def _backward(loss: torch.Tensor, accelerator: Any | None, amp: Precision) -> None:
     if accelerator is not None:
         accelerator.backward(loss)
     else:
-        loss.backward()
+        amp.backward(loss)  # scaled for fp16
 
 
 def _keep_rows(batch: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -233,6 +234,7 @@ def train_step(
     accelerator: Any | None = None,
     step_index: int = 0,
     guard: GroupGuard | None = None,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
     """Perform one optimizer update on `groups` and return its metrics.
 
@@ -244,6 +246,8 @@ def train_step(
     With a `guard` (gepo/plausibility.py), groups whose sampler log-probs contradict the learner's own, and groups of
     a micro-batch whose loss raises ValueError, are dropped (listed in `guard.rejected` with the reason) and the step
     goes on with the rest; the gradient is rescaled to the rows kept and the metrics cover only those.
+    `precision` runs the forward passes in its compute dtype over float32 master weights (autocast, and loss
+    scaling for fp16); under an accelerator its own mixed_precision does that instead.
     """
     if not groups:
         raise ValueError("train_step needs at least one group")
@@ -252,6 +256,7 @@ def train_step(
         raise ValueError("loss.beta > 0 needs a ref_model")
     t0 = time.perf_counter()
     device = next(model.parameters()).device
+    amp = precision or Precision()  # float32: no autocast, no scaling
 
     rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
     group_ids = torch.tensor([gi for gi, g in enumerate(groups) for _ in range(g.size)], dtype=torch.long)
@@ -275,7 +280,8 @@ def train_step(
         last = mb_index == len(micro_batches) - 1
         sync = contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(model)
         with sync:
-            logits = completion_logits(model, batch)
+            with amp.autocast():
+                logits = completion_logits(model, batch)
             logp = token_logprobs(logits, batch["completion_ids"], loss_cfg.temperature, chunk)
             if guard is not None:
                 keep = guard.screen(logp, batch["sampler_logprobs"], batch["completion_mask"], batch["group_ids"])
@@ -283,11 +289,11 @@ def train_step(
                     batch, logits, logp = _keep_rows(batch, keep), logits[keep], logp[keep]
                     mb_rows = [r for r, k in zip(mb_rows, keep.tolist()) if k]
                 if not mb_rows:  # still a backward, so that DDP's gradient sync happens on every rank
-                    _backward(logp.sum() * 0.0, accelerator)
+                    _backward(logp.sum() * 0.0, accelerator, amp)
                     continue
             ref_logp = None
             if loss_cfg.beta > 0:
-                with torch.no_grad():
+                with torch.no_grad(), amp.autocast():
                     ref_logits = completion_logits(ref_model, batch)
                     ref_logp = token_logprobs(ref_logits, batch["completion_ids"], loss_cfg.temperature, chunk)
             try:
@@ -307,12 +313,12 @@ def train_step(
                 if guard is None:
                     raise
                 guard.reject(batch["group_ids"].tolist(), TRAIN_ERROR, str(e)[:200])
-                _backward(logp.sum() * 0.0, accelerator)
+                _backward(logp.sum() * 0.0, accelerator, amp)
                 continue
             mask = batch["completion_mask"]
             entropy = token_entropy(logits.detach(), mask, loss_cfg.temperature, chunk)
             metrics["entropy"] = float(entropy.sum() / mask.sum())
-            _backward(loss, accelerator)
+            _backward(loss, accelerator, amp)
         del logits, logp, loss
         parts.append((metrics, len(mb_rows)))
 
@@ -322,6 +328,8 @@ def train_step(
         _renormalise(params, rows, kept_ids={gi for gi in range(len(groups)) if gi not in guard.rejected},
                      by_tokens=loss_cfg.resolved_aggregation() == "dapo")
     clip_to = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+    lr = float(optimizer.param_groups[0]["lr"])  # the rate this step uses (a scheduler moves it on below)
+    amp.unscale_(optimizer)
     if accelerator is not None:
         grad_norm = accelerator.clip_grad_norm_(params, clip_to)
     else:
@@ -331,9 +339,10 @@ def train_step(
         # A non-finite gradient would poison the weights that get published to the whole swarm: skip the update
         # (and with every group dropped there is nothing to learn from: no momentum or weight-decay step either).
         optimizer.zero_grad(set_to_none=True)
+        amp.skip()
         skipped = float(bool(kept))
     else:
-        optimizer.step()
+        amp.step(optimizer)
         if lr_scheduler is not None:
             lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -350,7 +359,7 @@ def train_step(
         num_rows=float(sum(g.size for g in kept)),
         num_tokens=float(sum(len(c) for g in kept for c in g.completion_ids)),
         num_micro_batches=float(len(micro_batches)),
-        lr=float(optimizer.param_groups[0]["lr"]),
+        lr=lr,
         step_time_s=time.perf_counter() - t0,
     )
     if guard is not None:

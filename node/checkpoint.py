@@ -1,8 +1,9 @@
 """Learner checkpoints that `--resume` continues from with the same version numbering.
 
     run_dir/checkpoints/step-000020/
-        model/            save_pretrained(): config, weights, tokenizer files
-        optimizer.pt      optimizer (and scheduler) state
+        model/            save_pretrained(): config, weights (LoRA: the adapters only), tokenizer files
+        optimizer.pt      optimizer state (under DeepSpeed: accelerate/, every rank's shard)
+        scheduler.pt      learning-rate scheduler state
         state.json        step, policy version, counters, RNG seeds: the run state
     run_dir/checkpoints/LATEST   name of the newest complete checkpoint
 
@@ -66,8 +67,9 @@ def save_checkpoint(run_dir: str | Path, model: Any, tokenizer: Any, optimizer: 
     if _is_deepspeed(accelerator):
         accelerator.save_state(str(tmp / "accelerate"))
     elif is_main:
-        torch.save({"optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / "optimizer.pt")
+        torch.save({"optimizer": optimizer.state_dict()}, tmp / "optimizer.pt")
+    if is_main and scheduler is not None:  # the same on every rank, and not part of accelerate's state
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     _barrier(accelerator)
     if not is_main:
         _barrier(accelerator)
@@ -101,7 +103,10 @@ def load_run_state(checkpoint: Path) -> RunState:
 
 def load_optimizer(checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any | None = None, *,
                    accelerator: Any | None = None, after_prepare: bool = False) -> None:
-    """Plain and DDP optimizers are restored before accelerator.prepare(); DeepSpeed's sharded state after it."""
+    """Plain and DDP optimizers are restored before accelerator.prepare(); DeepSpeed's sharded state after it.
+    The scheduler (which wraps the unprepared optimizer) is restored with the first call."""
+    if scheduler is not None and not after_prepare:
+        load_scheduler(checkpoint, scheduler)
     if _is_deepspeed(accelerator):
         if after_prepare:
             accelerator.load_state(str(checkpoint / "accelerate"))
@@ -110,5 +115,11 @@ def load_optimizer(checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler
         return
     saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
-    if scheduler is not None and saved.get("scheduler") is not None:
-        scheduler.load_state_dict(saved["scheduler"])
+
+
+def load_scheduler(checkpoint: Path, scheduler: Any) -> None:
+    path = checkpoint / "scheduler.pt"
+    if not path.is_file():  # written before schedules existed: the schedule starts over, and says so
+        log.warning("%s has no scheduler state; the learning-rate schedule starts from its first step", checkpoint)
+        return
+    scheduler.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))

@@ -33,6 +33,8 @@ from node.cli import (ArgumentParser, add_dataclass_args, add_process_args, data
 from node.intake import Intake, IntakeConfig
 from node.errors import EXIT_INTERRUPTED, EXIT_USAGE, BootstrapError, ConfigError, ModelLoadError, fail
 from node.metrics import GracefulStop, MetricsWriter, StatusLine, quiet_transformers
+from node import policy_setup as ps
+from node.policy_setup import PolicyConfig
 from node.preflight import DTYPES, check_dataset, check_model, check_swarm_args, parse_device
 from node.sampler_stats import SamplerStats
 from node.trackers import REPORT_TO_CHOICES, Trackers, wants_tensorboard
@@ -71,7 +73,8 @@ log = logging.getLogger("node.learner")
 class LearnerConfig:
     model: str | None = option(None, "model folder or hub id (default: the built-in tiny policy)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when there is one)", parse=parse_device)
-    dtype: str = option("auto", "auto: bf16 on a GPU that has it, else fp32", choices=DTYPES)
+    dtype: str = option("auto", "compute dtype, autocast over float32 master weights (float16 with loss scaling); "
+                                "auto: bf16 on a GPU that has it, else fp32", choices=DTYPES)
     run_dir: str = option("runs/learner", "checkpoints, metrics.jsonl, TensorBoard logs and swarm state")
     resume: bool = option(False, "continue from the newest checkpoint in --run-dir, keeping its version numbering")
     online: bool = option(False, "sample inside the learner in lockstep (zero delay) instead of from the swarm")
@@ -130,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_process_args(parser)
     add_dataclass_args(parser, LearnerConfig, "learner")
+    add_dataclass_args(parser, PolicyConfig, "policy: precision, reference, schedule, LoRA")
     add_dataclass_args(parser, LossConfig, "objective", rename={"loss_type": "loss"},
                        skip=("temperature", "max_completion_length"),
                        choices={"loss_type": LOSS_TYPES, "advantage_std": ADVANTAGE_STDS,
@@ -145,9 +149,13 @@ class Learner:
     """Model, optimizer, prompts, rewards and bookkeeping; `run()` picks the rollout source."""
 
     def __init__(self, cfg: LearnerConfig, loss: LossConfig, data: DataConfig, swarm_cfg: Any = None,
-                 stop: GracefulStop | None = None, intake: IntakeConfig | None = None) -> None:
+                 stop: GracefulStop | None = None, intake: IntakeConfig | None = None,
+                 policy: PolicyConfig | None = None) -> None:
         _import_training_stack()
+        from gepo.precision import Precision
+
         self.cfg = cfg
+        self.policy_cfg = policy = policy or PolicyConfig()
         self.loss = dataclasses.replace(loss, temperature=cfg.temperature, max_completion_length=cfg.max_new_tokens)
         self.intake_cfg = intake or IntakeConfig()
         if not cfg.online and self.loss.delta is None:  # no single group can dominate a step (docs/PROTOCOL.md)
@@ -161,7 +169,7 @@ class Learner:
 
         # Under `accelerate launch` / torchrun (WORLD_SIZE > 1) every rank trains on its share of each step's
         # groups (DDP, or DeepSpeed ZeRO-2 from an accelerate config); only the main rank is on the swarm.
-        self.acc = _accelerator(cfg.device) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        self.acc = _accelerator(cfg.device, cfg.dtype) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         self.is_main = self.acc is None or self.acc.is_main_process
         if not self.is_main:
             logging.getLogger().setLevel(logging.WARNING)  # one rank speaks for the run
@@ -169,17 +177,20 @@ class Learner:
         # Trackers first: a missing or unstartable one is an error before minutes of loading.
         trackers = Trackers(cfg.report_to, self.run_dir, project=swarm_cfg.run_id if swarm_cfg else "gepo",
                             config={**dataclasses.asdict(self.loss), **dataclasses.asdict(cfg)}) if self.is_main else None
-        dtype = resolve_dtype(cfg.dtype, self.device)
+        dtype = resolve_dtype(cfg.dtype, self.device) if self.acc is None else ps.accelerator_compute_dtype(self.acc)
+        # fp32 master weights with autocast here; under accelerate its mixed_precision (DeepSpeed: its fp32 copy).
+        self.precision = Precision.for_device(self.device, dtype) if self.acc is None else Precision()
+        self.publish_dtype = ps.resolve_publish_dtype(policy.publish_dtype, self.device, dtype)
         self.state = RunState()
         checkpoint = latest_checkpoint(self.run_dir) if cfg.resume else None
         if cfg.resume and checkpoint is None:  # the version numbering still continues (publish guard below)
             log.warning("--resume: no checkpoint in %s, starting from fresh weights", self.run_dir)
-        model_ref = str(checkpoint / "model") if checkpoint else cfg.model
-        self.model, self.tokenizer = load_policy(model_ref, self.device, dtype)
+        self.model, self.tokenizer = ps.build_policy(policy, cfg.model, checkpoint, self.device, dtype)
         self.model.config.use_cache = False
         self.optimizer = self._make_optimizer()
+        self.lr_scheduler = ps.build_scheduler(policy, self.optimizer, cfg.max_steps)
         if checkpoint:
-            load_optimizer(checkpoint, self.optimizer, accelerator=self.acc)
+            load_optimizer(checkpoint, self.optimizer, self.lr_scheduler, accelerator=self.acc)
             self.state = load_run_state(checkpoint)
             log.info("resumed from %s at step %d, policy version %d", checkpoint, self.state.step,
                      self.state.policy_version)
@@ -202,6 +213,8 @@ class Learner:
             eval_fraction=cfg.eval_fraction, eval_size=cfg.eval_size)
         if cfg.eval_every <= 0:
             self.eval_prompts = None
+        self.prompts, self.prompts_skipped = ps.drop_long_prompts(self.prompts, self.tokenizer, cfg.system_prompt,
+                                                                  policy.max_prompt_length)
         self.train_model = self.model
         if self.acc is not None:
             if cfg.groups_per_step % self.acc.num_processes:
@@ -211,6 +224,8 @@ class Learner:
             self.model = self.acc.unwrap_model(self.train_model)  # generation, evaluation and publishing
             if checkpoint:
                 load_optimizer(checkpoint, self.optimizer, accelerator=self.acc, after_prepare=True)
+        self.ref_model = (ps.build_reference(policy, self.model, cfg.model, self.device, dtype, self.acc)
+                          if self.loss.beta > 0 else None)
         self.rewards = RewardRunner(resolve_reward_specs(cfg.reward, cfg.accuracy_weight, cfg.format_weight),
                                     RewardConfig(num_workers=cfg.reward_workers), timeout_s=cfg.reward_timeout,
                                     plugin_workers=cfg.reward_workers)
@@ -271,7 +286,7 @@ class Learner:
     def evaluate(self) -> dict[str, Any]:
         """Held-out metrics (gepo.evaluation): greedy pass@1, reward, and mean@k when --eval-k > 0."""
         assert self.eval_prompts is not None
-        with self._tokenizer_lock:
+        with self._tokenizer_lock, self.precision.autocast():
             return evaluate_held_out(self.model, self.tokenizer, self.eval_prompts, self.rewards,
                                      max_new_tokens=self.cfg.max_new_tokens, system_prompt=self.cfg.system_prompt,
                                      k=self.cfg.eval_k, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
@@ -290,7 +305,8 @@ class Learner:
                                                                            self.intake_cfg.max_token_logprob_gap))
         metrics = train_step(self.train_model, self.optimizer, mine, self.step_cfg, pad_token_id=self.pad_id,
                              current_version=self.version, step_index=self.state.step, accelerator=self.acc,
-                             guard=guard)
+                             guard=guard, ref_model=self.ref_model, lr_scheduler=self.lr_scheduler,
+                             precision=self.precision)
         self.state.step += 1
         self.state.policy_version += 1
         if guard is not None and guard.rejected and self.acc is None:  # metrics cover the groups trained on
@@ -303,6 +319,8 @@ class Learner:
                                                if guard is None or i not in guard.rejected)
         metrics["accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0
         metrics["policy_version"] = self.version
+        if self.policy_cfg.max_prompt_length:
+            metrics["prompts_skipped_too_long"] = self.prompts_skipped
         metrics.update(extra)
         metrics.update(self.rewards.step_metrics())
         lags = [self.version - 1 - g.policy_version for i, g in enumerate(groups)
@@ -325,7 +343,8 @@ class Learner:
 
     def checkpoint(self) -> None:
         self.state.counters = {"counters": dict(self.counters), "rejections": dict(self.rejections)}
-        save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.state, accelerator=self.acc)
+        save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.state,
+                        scheduler=self.lr_scheduler, accelerator=self.acc)
 
     def close(self) -> None:
         self.intake.close()
@@ -348,7 +367,8 @@ class Learner:
             indices = self._my_share([rng.randrange(len(self.prompts)) for _ in range(self.cfg.groups_per_step)])
             prompts = [list(self.prompt_ids(i)) for i in indices]
             sampling = dataclasses.replace(params, seed=self.cfg.seed * 7919 + self.state.step)
-            generated = generate_groups(self.model, prompts, sampling, eos=self.tokenizer, pad_token_id=self.pad_id)
+            with self.precision.autocast():
+                generated = generate_groups(self.model, prompts, sampling, eos=self.tokenizer, pad_token_id=self.pad_id)
             self.model.train()
             t_sample = time.perf_counter() - t0
             groups, accuracies = [], []
@@ -381,7 +401,7 @@ class Learner:
     def publish(self) -> None:
         from protocol.records import milli_counters
 
-        tensors = policy_tensors(self.model)
+        tensors = ps.published_tensors(self.model, self.publish_dtype)  # master weights (LoRA: merged), rounded
         files = {**policy_files(self.model, self.tokenizer), **run_file(self.run_info().to_json())}
         t0 = time.perf_counter()
         self.swarm.report(step=self.state.step, stale=self.counters["dropped_stale"],  # heartbeat: node.monitor
@@ -550,10 +570,13 @@ class Learner:
             self.run_swarm()
 
 
-def _accelerator(device: str) -> Any:
+def _accelerator(device: str, dtype: str) -> Any:
     from accelerate import Accelerator
 
-    return Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
+    from node.policy_setup import accelerate_mixed_precision
+
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, mixed_precision=accelerate_mixed_precision(dtype, "cpu" if cpu else "cuda"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -566,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         loss = dataclass_from_args(LossConfig, args)
         data = dataclass_from_args(DataConfig, args, prefix="data_")
         intake = dataclass_from_args(IntakeConfig, args)
+        policy = dataclass_from_args(PolicyConfig, args)
         swarm_cfg = SwarmConfig.from_args(args)
         if not cfg.resume:
             check_model(cfg.model)
@@ -582,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     swarm_cfg = swarm_cfg.with_defaults_for_state_dir()
     swarm_cfg = swarm_cfg.replace(inbox_size=min(swarm_cfg.inbox_size, cfg.max_buffered_steps * cfg.groups_per_step))
     try:
-        learner = Learner(cfg, loss, data, swarm_cfg, stop=stop, intake=intake)
+        learner = Learner(cfg, loss, data, swarm_cfg, stop=stop, intake=intake, policy=policy)
     except (ValueError, DataError, ModelLoadError) as exc:  # a bad --model, --dataset or objective setting
         return fail(exc, EXIT_USAGE)
     try:

@@ -73,16 +73,19 @@ def policy_files(model: Any, tokenizer: Any) -> dict[str, bytes]:
         }
 
 
-def policy_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with tied tensors listed once (the receiver re-ties them)."""
+def policy_tensors(model: torch.nn.Module, dtype: torch.dtype | None = None,
+                   state: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict (or `state`) with tied tensors listed once (the receiver re-ties them), floating-point tensors
+    rounded to `dtype` when given."""
     seen: set[int] = set()
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if state is None else state).items():
         key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
         if key in seen:
             continue
         seen.add(key)
-        out[name] = tensor.detach()
+        tensor = tensor.detach()
+        out[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields as dataclass_fields
 from typing import Any, Sequence
 
-from gepo.data import DataConfig, PromptSet
+from gepo.data import DataConfig, PromptSet, SyntheticPromptSet
 from gepo.sampling import SamplingParams
 from gepo.synthetic import SyntheticArithmetic
 
@@ -48,7 +48,7 @@ class QuestionSet:
 
     @classmethod
     def of(cls, cfg: DataConfig, prompts: PromptSet) -> "QuestionSet":
-        if cfg.source == "synthetic":
+        if isinstance(prompts, SyntheticPromptSet):  # its parameters; a filtered subset travels as questions
             synthetic = {"difficulty": cfg.difficulty, "seed": cfg.seed, "split": cfg.split, "size": cfg.size,
                          "max_examples": cfg.max_examples}
             return cls(name=prompts.name, synthetic=synthetic)

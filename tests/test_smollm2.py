@@ -111,3 +111,62 @@ def test_a_sampler_rebuilds_smollm2_from_a_weights_manifest(smollm2_dir, tmp_pat
     assert rebuilt.lm_head.weight.data_ptr() == rebuilt.model.embed_tokens.weight.data_ptr()  # tied again
     for (name, a), b in zip(model.state_dict().items(), rebuilt.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="LoRA needs peft: pip install -e '.[peft]'")
+def test_lora_on_smollm2_trains_checkpoints_resumes_and_publishes_a_plain_model(smollm2_dir, tmp_path, one_thread):
+    """A few LoRA steps on the real model: adapters train over a frozen base, a checkpoint holds the adapters only,
+    resuming restores them and their optimizer, and the published version is the merged plain llama a sampler loads."""
+    from gepo.config import LossConfig
+    from gepo.data import format_prompt
+    from gepo.sampling import SamplingParams, generate_groups
+    from gepo.train_step import ScoredGroup, TrainStepConfig, train_step
+    from node.checkpoint import RunState, latest_checkpoint, load_optimizer, save_checkpoint
+    from node.model_io import model_from_manifest, policy_files
+    from node.policy_setup import PolicyConfig, build_policy, build_reference, published_tensors
+    from protocol.manifest import build_manifest
+
+    cfg = PolicyConfig(lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
+    policy, tokenizer = build_policy(cfg, str(smollm2_dir), None, "cpu", torch.float32)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    assert 0 < sum(p.numel() for p in trainable) < 0.01 * sum(p.numel() for p in policy.parameters())
+    prompts = [format_prompt(tokenizer, q, SYSTEM) for q in ("What is 3 + 5?", "What is 6 + 6?")]
+    generated = generate_groups(policy, prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=0),
+                                eos=tokenizer, pad_token_id=tokenizer.pad_token_id)
+    groups = [ScoredGroup(g.prompt_ids, g.completion_ids, g.logprobs, [1.0, 0.0]) for g in generated]
+    step_cfg = TrainStepConfig(loss=LossConfig(loss_type="grpo", beta=0.04, max_completion_length=6),
+                               micro_batch_rows=4)
+    ref = build_reference(cfg, policy, str(smollm2_dir), "cpu", torch.float32)  # the base, adapters off
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    metrics = [train_step(policy, optimizer, groups, step_cfg, pad_token_id=tokenizer.pad_token_id, ref_model=ref,
+                          step_index=i) for i in range(2)]
+    assert metrics[0]["kl_ref"] == 0.0 and metrics[1]["kl_ref"] > 0, metrics
+
+    save_checkpoint(tmp_path, policy, tokenizer, optimizer, RunState(step=2, policy_version=2))
+    checkpoint = latest_checkpoint(tmp_path)
+    assert (checkpoint / "model" / "adapter_model.safetensors").stat().st_size < 5_000_000  # adapters, not 538 MB
+    resumed, _ = build_policy(cfg, str(smollm2_dir), checkpoint, "cpu", torch.float32)
+    resumed_opt = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-3)
+    load_optimizer(checkpoint, resumed_opt)
+    for (name, a), b in zip(policy.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    m = train_step(resumed, resumed_opt, groups, step_cfg, pad_token_id=tokenizer.pad_token_id,
+                   ref_model=build_reference(cfg, resumed, str(smollm2_dir), "cpu", torch.float32), step_index=2)
+    assert math.isfinite(m["loss"]) and m["kl_ref"] > 0
+
+    tensors = published_tensors(resumed, torch.bfloat16)
+    assert not any("lora" in name or "base_layer" in name for name in tensors)
+    manifest, buffer = build_manifest(tensors, run_id="smol-lora", version=3, files=policy_files(resumed, tokenizer),
+                                      chunk_size=16 << 20)
+    del policy, optimizer, ref
+    sampler_model, _ = model_from_manifest(manifest, buffer, tmp_path / "sampler", dtype=torch.bfloat16)
+    assert type(sampler_model).__name__ == "LlamaForCausalLM"
+    ids = torch.tensor([list(groups[0].prompt_ids) + list(groups[0].completion_ids[0])])
+    resumed.eval()
+    with torch.no_grad():
+        expected = resumed(input_ids=ids).logits[0, -1]
+        got = sampler_model(input_ids=ids).logits[0, -1].float()
+    assert torch.nn.functional.cosine_similarity(got, expected, dim=0) > 0.99  # bf16 rounding of the weights only
+    layer = resumed.get_base_model().model.layers[0].self_attn.q_proj
+    merged = (layer.base_layer.weight + layer.get_delta_weight("default")).to(torch.bfloat16)
+    assert torch.equal(sampler_model.model.layers[0].self_attn.q_proj.weight, merged)
