@@ -87,7 +87,9 @@ TABLE: dict[str, tuple[str | None, Callable[[Any, str], Any] | None, str]] = {
     "num_iterations": (None, _only(1, "each batch is trained on once: one optimizer step per step"), "1 only"),
     "importance_sampling_level": (None, _only("token", "use --loss gspo or --loss gepo for sequence- or "
                                                        "group-level weights"), "token only"),
-    "lr_scheduler_type": (None, _only("constant", "the learning rate is constant"), "constant only"),
+    "lr_scheduler_type": ("lr_scheduler", _choice({"constant": "constant", "constant_with_warmup": "constant",
+                                                    "linear": "linear", "cosine": "cosine"}),
+                          "constant (with warm-up), linear or cosine"),
     "warmup_ratio": (None, _only(0, "no warm-up"), "0 only"),
     "num_train_epochs": (None, _only(1, "training runs for --max-steps steps"), "use max_steps"),
 }
@@ -113,8 +115,6 @@ IGNORED = {
     "bf16": "the model dtype is --dtype (torch_dtype)",
     "use_vllm": "the learner does not sample; samplers choose --backend vllm",
     "vllm_mode": "the learner does not sample",
-    "max_prompt_length": "prompts are not truncated",
-    "gradient_checkpointing": "not supported: memory is bounded by --micro-batch-rows",
     "gradient_checkpointing_kwargs": "",
     "attn_implementation": "transformers picks the attention kernel",
     "wandb_entity": "", "wandb_project": "", "run_name": "",

@@ -143,6 +143,7 @@ def test_recipe_errors_name_the_key(tmp_path):
 
 def test_unreachable_peer_exits_3(tmp_path):
     out, _ = run("sampler", "--peers", PEER, "--state-dir", str(tmp_path / "s"), "--bootstrap-timeout", "2",
+                 "--exit-on-unreachable",
                  "--no-nat-port-map", "--no-auto-nat", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--torch-threads", "1")
     assert out.returncode == EXIT_UNREACHABLE, out.stderr[-3000:]
     assert "none of the bootstrap peers could be reached" in error_line(out)
