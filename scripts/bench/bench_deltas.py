@@ -117,6 +117,8 @@ def main(argv=None) -> None:
                    help="folder written by scripts.bench.delta_versions (default: %(default)s)")
     p.add_argument("--alt-versions", type=int, default=3,
                    help="versions the alternatives are measured on (spread over the run) (default: %(default)s)")
+    p.add_argument("--alt-sample", type=float, default=1.0,
+                   help="fraction of the buffer (evenly spread 1 MiB blocks) the alternatives see (default: %(default)s)")
     p.add_argument("--json", default=None, help="write the results to this JSON file (default: none)")
     args = p.parse_args(argv)
     folder = Path(args.versions)
@@ -153,14 +155,24 @@ def main(argv=None) -> None:
               f"cumulative {catchup[lag]['cumulative_ratio_median']:.3%}  best {catchup[lag]['best_ratio_median']:.3%}")
 
     picks = sorted({int(round(x)) for x in np.linspace(1, n, min(args.alt_versions, n))})
+    block = 1 << 20
+    step = max(1, round(1 / args.alt_sample))
+    starts = range(0, full - full % block, block * step)
+
+    def sample(buf) -> bytes:
+        return b"".join(bytes(buf[i:i + block]) for i in starts)
+
+    pairs = [(sample(versions[v - 1][1]), sample(versions[v][1])) for v in picks]
+    sampled = len(pairs[0][0])
     alternatives = {}
     for name, fn in ALTERNATIVES.items():
         ratios, secs = [], []
-        for v in picks:
-            size, s = timed(lambda: fn(versions[v - 1][1], versions[v][1]))
-            ratios.append(size / full)
+        for a, b in pairs:
+            size, s = timed(lambda: fn(a, b))
+            ratios.append(size / sampled)
             secs.append(s)
-        alternatives[name] = {"ratio_median": statistics.median(ratios), "encode_mb_s": full / 1e6 / statistics.median(secs)}
+        alternatives[name] = {"ratio_median": statistics.median(ratios),
+                              "encode_mb_s": sampled / 1e6 / statistics.median(secs)}
         print(f"{name:<28} {alternatives[name]['ratio_median']:.3%}  {alternatives[name]['encode_mb_s']:.0f} MB/s")
 
     run = json.loads((folder / "run.json").read_text()) if (folder / "run.json").exists() else {}
@@ -175,7 +187,7 @@ def main(argv=None) -> None:
         "encode_gb_s": full / 1e9 / statistics.median(enc_s), "apply_gb_s": full / 1e9 / statistics.median(app_s),
         "learner_step_s_median": step_s,
         "overhead_vs_step": None if step_s is None else (statistics.median(enc_s) + statistics.median(app_s)) / step_s,
-        "alternatives": alternatives, "alternatives_on_versions": picks,
+        "alternatives": alternatives, "alternatives_on_versions": picks, "alternatives_sampled_bytes": sampled,
     }
     print(json.dumps({k: v for k, v in result.items() if k not in ("delta_ratios", "alternatives", "catchup")}, indent=1))
     if args.json:
