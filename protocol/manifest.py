@@ -52,6 +52,8 @@ __all__ = [
     "build_manifest",
     "encode_manifest",
     "decode_manifest",
+    "sign_envelope",
+    "open_envelope",
     "manifest_digest",
     "read_signer",
     "verify_chunk",
@@ -322,10 +324,49 @@ def encode_manifest(manifest: WeightManifest, identity: Identity) -> bytes:
     if manifest.learner and manifest.learner != identity.public_key:
         raise ValueError("manifest.learner is set to a different key than the signing identity")
     _validate_manifest(manifest, DEFAULT_MANIFEST_LIMITS, exc=ValueError)
-    body = packb(manifest.to_body())
-    signed_prefix = struct.pack("<3sBI32s", MANIFEST_MAGIC, MANIFEST_VERSION, len(body), identity.public_key)
-    sig = identity.sign(MANIFEST_DOMAIN + signed_prefix + body)
+    return sign_envelope(MANIFEST_MAGIC, MANIFEST_DOMAIN, packb(manifest.to_body()), identity)
+
+
+def sign_envelope(magic: bytes, domain: bytes, body: bytes, identity: Identity) -> bytes:
+    """The signed envelope every learner-published manifest travels in (weight manifests here, delta manifests in
+    :mod:`protocol.delta`): ``magic(3) | format version | body_len | learner key | Ed25519 sig | body``, the
+    signature over ``domain || bytes[0:40] || body``. ``domain`` keeps one kind of manifest from being replayed
+    as another."""
+    signed_prefix = struct.pack("<3sBI32s", magic, MANIFEST_VERSION, len(body), identity.public_key)
+    sig = identity.sign(domain + signed_prefix + body)
     return b"".join((signed_prefix, sig, body))
+
+
+def open_envelope(
+    data,
+    *,
+    magic: bytes,
+    domain: bytes,
+    what: str,
+    learner: Optional[bytes],
+    expected_digest: Optional[bytes],
+    max_bytes: int,
+) -> Tuple[bytes, memoryview]:
+    """Check an envelope made by :func:`sign_envelope` (size, magic, format version, length, announced digest,
+    signer, signature) and return ``(signer, body)``; raise ``ProtocolError`` on the first thing that is wrong."""
+    mv = as_bytes(data, what)
+    n = len(mv)
+    if n > max_bytes:
+        raise ProtocolError(Reason.OVERSIZE, f"{what} is {n} bytes > limit {max_bytes}")
+    _check_magic(mv, magic, what)
+    if n < PREFIX_BYTES:
+        raise ProtocolError(Reason.MALFORMED, f"truncated: {n} bytes < {PREFIX_BYTES}-byte prefix")
+    _, _, body_len, signer, sig = _PREFIX.unpack_from(mv, 0)
+    if PREFIX_BYTES + body_len != n:
+        raise ProtocolError(Reason.MALFORMED, f"length mismatch: prefix announces {PREFIX_BYTES + body_len}, got {n}")
+    if expected_digest is not None and digest(mv) != expected_digest:
+        raise ProtocolError(Reason.HASH_MISMATCH, f"{what} digest differs from the announced one")
+    if learner is not None and signer != learner:
+        raise ProtocolError(Reason.UNTRUSTED_SIGNER, f"{what} is not signed by the learner")
+    body = mv[PREFIX_BYTES:]
+    if not verify_signature(signer, b"".join((domain, mv[:_SIGNED_PREFIX], body)), sig):
+        raise ProtocolError(Reason.BAD_SIGNATURE, f"{what} signature does not verify")
+    return bytes(signer), body
 
 
 def manifest_digest(data) -> bytes:
@@ -345,11 +386,11 @@ def read_signer(data) -> bytes:
     return bytes(mv[8:40])
 
 
-def _check_magic(mv) -> None:
-    if len(mv) < 4 or bytes(mv[:3]) != MANIFEST_MAGIC:
-        raise ProtocolError(Reason.MALFORMED, "not a weight manifest (bad magic)")
+def _check_magic(mv, magic: bytes = MANIFEST_MAGIC, what: str = "weight manifest") -> None:
+    if len(mv) < 4 or bytes(mv[:3]) != magic:
+        raise ProtocolError(Reason.MALFORMED, f"not a {what} (bad magic)")
     if mv[3] != MANIFEST_VERSION:
-        raise ProtocolError(Reason.UNKNOWN_VERSION, f"manifest format version {mv[3]} (supported: {MANIFEST_VERSION})")
+        raise ProtocolError(Reason.UNKNOWN_VERSION, f"{what} format version {mv[3]} (supported: {MANIFEST_VERSION})")
 
 
 def decode_manifest(
@@ -365,23 +406,9 @@ def decode_manifest(
     ``UNTRUSTED_SIGNER`` (always pass it outside tests). ``expected_digest``: the digest announced in the learner's
     heartbeat (``HASH_MISMATCH`` if different).
     """
-    mv = as_bytes(data, "manifest")
-    n = len(mv)
-    if n > limits.max_manifest_bytes:
-        raise ProtocolError(Reason.OVERSIZE, f"manifest is {n} bytes > limit {limits.max_manifest_bytes}")
-    _check_magic(mv)
-    if n < PREFIX_BYTES:
-        raise ProtocolError(Reason.MALFORMED, f"truncated: {n} bytes < {PREFIX_BYTES}-byte prefix")
-    _, _, body_len, signer, sig = _PREFIX.unpack_from(mv, 0)
-    if PREFIX_BYTES + body_len != n:
-        raise ProtocolError(Reason.MALFORMED, f"length mismatch: prefix announces {PREFIX_BYTES + body_len}, got {n}")
-    if expected_digest is not None and digest(mv) != expected_digest:
-        raise ProtocolError(Reason.HASH_MISMATCH, "manifest digest differs from the announced one")
-    if learner is not None and signer != learner:
-        raise ProtocolError(Reason.UNTRUSTED_SIGNER, "manifest is not signed by the learner")
-    body_bytes = mv[PREFIX_BYTES:]
-    if not verify_signature(signer, b"".join((MANIFEST_DOMAIN, mv[:_SIGNED_PREFIX], body_bytes)), sig):
-        raise ProtocolError(Reason.BAD_SIGNATURE, "manifest signature does not verify")
+    signer, body_bytes = open_envelope(data, magic=MANIFEST_MAGIC, domain=MANIFEST_DOMAIN, what="manifest",
+                                       learner=learner, expected_digest=expected_digest,
+                                       max_bytes=limits.max_manifest_bytes)
 
     b = req_map(unpackb(body_bytes, "manifest body"), _BODY_KEYS, "manifest body")
     encoding = req_str(b["encoding"], "encoding", 64)
