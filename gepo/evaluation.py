@@ -70,7 +70,11 @@ def held_out_split(data: DataConfig, prompts: PromptSet, *, eval_dataset: str | 
             raise DataError(f"--eval-fraction {eval_fraction} of {n} problems leaves none to train on")
         train_cfg = dataclasses.replace(data, max_examples=n - held)
         held_out = PromptSlice(prompts, n - held, min(n, n - held + eval_size), f"held out [{n - held}:]")
-        return train_cfg, PromptSlice(prompts, 0, n - held, f"[:{n - held}]"), held_out
+        # Synthetic prompts are generated, so their first n - held are the set with max_examples = n - held:
+        # loaded that way, samplers are told its parameters (run.json stays small) instead of every question.
+        train = (load_prompts(train_cfg) if data.source == "synthetic"
+                 else PromptSlice(prompts, 0, n - held, f"[:{n - held}]"))
+        return train_cfg, train, held_out
     if data.source == "synthetic":
         return data, prompts, load_prompts(dataclasses.replace(data, split="test", max_examples=eval_size))
     return data, prompts, None
