@@ -145,22 +145,23 @@ class Sampler:
         self.stop = stop or GracefulStop()
 
     def start(self) -> None:
+        started = time.monotonic()
+
         def waiting(seconds: float) -> None:  # the swarm re-dials with back-off meanwhile
             if self.stop.requested:
                 raise KeyboardInterrupt
+            # A learner that answers but signs with another key is a trust failure, not an outage: waiting longer
+            # than --wait-learner for the trusted one would never end.
+            if self.swarm.untrusted_learners and time.monotonic() - started > self.cfg.wait_learner:
+                raise self._trust_error()
             self.status.update(f"learner unreachable since {seconds:.0f} s, retrying")
 
         try:
             self.swarm.start(wait_for_learner=self.cfg.wait_learner if self.cfg.exit_on_unreachable else float("inf"),
                              on_waiting=waiting)
         except TimeoutError:
-            others = self.swarm.untrusted_learners
-            if others:
-                raise TrustError(
-                    f"the swarm's learner signs with {others[0]}, but this sampler trusts only "
-                    f"{self.swarm.learner_key} "
-                    f"(remembered in {self.swarm_cfg.state_dir}/trusted_learner.txt from an earlier run): if the new "
-                    f"learner is yours, restart with --learner-key {others[0]}") from None
+            if self.swarm.untrusted_learners:
+                raise self._trust_error() from None
             pinned = (f"; only a learner signing with --learner-key {self.swarm_cfg.learner_key} is trusted: is that "
                       f"the key the learner printed?" if self.swarm_cfg.learner_key else "")
             raise TimeoutError(f"no learner found within {self.cfg.wait_learner:.0f}s through "
@@ -172,6 +173,12 @@ class Sampler:
         if version is None:
             raise TimeoutError(f"no complete policy version arrived within {self.cfg.wait_weights:.0f}s")
         self._load_first(version)
+
+    def _trust_error(self) -> "TrustError":
+        other = self.swarm.untrusted_learners[0]
+        return TrustError(f"the swarm's learner signs with {other}, but this sampler trusts only "
+                          f"{self.swarm.learner_key} (remembered in {self.swarm_cfg.state_dir}/trusted_learner.txt "
+                          f"from an earlier run): if the new learner is yours, restart with --learner-key {other}")
 
     def _load_first(self, version: int) -> None:
         manifest, buffer = self.swarm.get_weights(version)
