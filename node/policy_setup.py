@@ -297,4 +297,6 @@ def drop_long_prompts(prompts: "PromptSet", tokenizer: Any, system_prompt: str |
         return prompts, 0
     log.info("--max-prompt-length %d: skipped %d of %d prompts", max_length, skipped, len(prompts))
     name = f"{prompts.name}, prompts <= {max_length} tokens"
-    return TablePromptSet(name, [ex.question for ex in kept], [ex.answer for ex in kept]), skipped
+    names = {k for ex in kept for k in ex.columns}  # the rows' dataset columns still reach reward plug-ins
+    columns = {k: [ex.columns.get(k) for ex in kept] for k in names} or None
+    return TablePromptSet(name, [ex.question for ex in kept], [ex.answer for ex in kept], columns), skipped
