@@ -82,6 +82,7 @@ class DataConfig:
     difficulty: synthetic task: 1 (one-digit sums) to 5 (two operations on two-digit numbers); 2 is two-digit sums.
     seed: synthetic task: the seed that generates the problems.
     size: synthetic task: problems in the split.
+    phrasing: synthetic task: "expression" ("What is 3 + 5?") or "word" (sums as short word problems; difficulty 1-3).
     max_examples: keep only the first this-many examples (after loading, in order).
     """
 
@@ -94,6 +95,7 @@ class DataConfig:
     difficulty: int = 2
     seed: int = 0
     size: int = 100_000
+    phrasing: str = "expression"
     max_examples: int | None = None
 
     def __post_init__(self) -> None:
@@ -148,7 +150,7 @@ class SyntheticPromptSet(PromptSet):
         self._len = min(len(problems), max_examples) if max_examples else len(problems)
         self.name = (
             f"synthetic(difficulty={problems.difficulty}, seed={problems.seed}, split={problems.split}, "
-            f"size={self._len})"
+            f"size={self._len}" + (f", phrasing={problems.phrasing})" if problems.phrasing != "expression" else ")")
         )
 
     def __len__(self) -> int:
@@ -189,7 +191,8 @@ def load_prompts(cfg: DataConfig) -> PromptSet:
     """The PromptSet `cfg` describes; raises DataError with a one-line reason when it cannot be built."""
     if cfg.source == "synthetic":
         try:
-            problems = SyntheticArithmetic(difficulty=cfg.difficulty, seed=cfg.seed, split=cfg.split, size=cfg.size)
+            problems = SyntheticArithmetic(difficulty=cfg.difficulty, seed=cfg.seed, split=cfg.split, size=cfg.size,
+                                           phrasing=cfg.phrasing)
         except ValueError as e:
             raise DataError(f"synthetic prompts: {e}") from None
         prompts: PromptSet = SyntheticPromptSet(problems, cfg.max_examples)

@@ -28,6 +28,7 @@ from gepo.data import ANSWER_FORMATS, DataConfig, DataError, assign_prompt_index
 from gepo.evaluation import evaluate as evaluate_held_out, held_out_split
 from gepo.reward_funcs import RewardRunner, resolve_reward_specs
 from gepo.rewards import RewardConfig
+from gepo.synthetic import PHRASINGS
 from node.cli import (ArgumentParser, add_dataclass_args, add_process_args, dataclass_from_args, option,
                       parse_with_recipe, program_name, setup_process)
 from node.intake import Intake, IntakeConfig
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                        choices={"loss_type": LOSS_TYPES, "advantage_std": ADVANTAGE_STDS,
                                 "gepo_grouping": GEPO_GROUPINGS, "aggregation": AGGREGATIONS})
     add_dataclass_args(parser, DataConfig, "prompt data", prefix="data_", rename={"source": "dataset"},
-                       choices={"answer_format": ANSWER_FORMATS})
+                       choices={"answer_format": ANSWER_FORMATS, "phrasing": PHRASINGS})
     add_dataclass_args(parser, IntakeConfig, "checks on what samplers send")
     SwarmConfig.add_argparse_args(parser, role="learner")
     return parser

@@ -35,7 +35,8 @@ class QuestionSet:
             raise IndexError(f"prompt index {index} out of range for {len(self)} prompts")
         if self.synthetic is not None:
             s = self.synthetic
-            return SyntheticArithmetic(s["difficulty"], s["seed"], s["split"], s["size"])[index].question
+            return SyntheticArithmetic(s["difficulty"], s["seed"], s["split"], s["size"],
+                                       s.get("phrasing", "expression"))[index].question
         return self.questions[index]  # type: ignore[index]
 
     def to_json(self) -> dict[str, Any]:
@@ -50,7 +51,7 @@ class QuestionSet:
     def of(cls, cfg: DataConfig, prompts: PromptSet) -> "QuestionSet":
         if isinstance(prompts, SyntheticPromptSet):  # its parameters; a filtered subset travels as questions
             synthetic = {"difficulty": cfg.difficulty, "seed": cfg.seed, "split": cfg.split, "size": cfg.size,
-                         "max_examples": cfg.max_examples}
+                         "max_examples": cfg.max_examples, "phrasing": cfg.phrasing}
             return cls(name=prompts.name, synthetic=synthetic)
         return cls(name=prompts.name, questions=[ex.question for ex in prompts])
 

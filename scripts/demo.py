@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 import sys
 import time
@@ -30,10 +31,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-dir", default=None, help="where logs, metrics and the plot go (default: runs/demo-<time>)")
     p.add_argument("--steps", type=int, default=None, help="learner steps (default: the recipe's max_steps)")
     p.add_argument("--loss", default="gepo", help="objective: grpo, bnpo, dr_grpo, dapo, gspo, gepo or delta_l")
+    p.add_argument("--recipe", default=RECIPE, help=f"learner recipe (default: {RECIPE})")
     p.add_argument("--samplers", type=int, default=3, help="samplers to start (the last one is the slow one)")
+    p.add_argument("--slow-samplers", type=int, default=1,
+                   help="how many of them (the last ones) simulate a slow volunteer; 0: none (default: 1)")
     p.add_argument("--slow-delay", nargs=2, type=float, default=(2.0, 20.0), metavar=("LOWER", "UPPER"),
                    help="the slow sampler's delay bounds in seconds (lognormal, as in the paper, offset 0)")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    p.add_argument("--learner-args", default="", help="extra learner flags, one string (e.g. \"--lr 2e-6\")")
+    p.add_argument("--sampler-args", default="", help="extra flags for every sampler, one string")
     return p.parse_args(argv)
 
 
@@ -140,22 +146,23 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     print(f"run directory: {run_dir}", flush=True)
     try:
-        learner_cmd = ["-m", "node.learner", "--config", RECIPE, "--run-dir", str(run_dir / "learner"),
+        learner_cmd = ["-m", "node.learner", "--config", args.recipe, "--run-dir", str(run_dir / "learner"),
                        "--run-id", "demo", "--loss", args.loss, *ONE_THREAD, *LOOPBACK]
         if args.steps:
             learner_cmd += ["--max-steps", str(args.steps)]
+        learner_cmd += shlex.split(args.learner_args)
         learner = Proc(learner_cmd, run_dir / "learner.log")
         procs.append(learner)
         join = join_args(learner, timeout=120)
         print("learner up; samplers join with: python -m node.sampler " + " ".join(join), flush=True)
         for i in range(args.samplers):
-            slow = i == args.samplers - 1 and args.samplers > 1
+            slow = args.samplers > 1 and i >= args.samplers - args.slow_samplers
             name = f"sampler-{i + 1}" + (" (slow)" if slow else "")
             state_dir = run_dir / f"sampler-{i + 1}"
             extra = (["--simulate-delay", "lognormal", "--delay-lower", str(args.slow_delay[0]), "--delay-upper",
                       str(args.slow_delay[1]), "--delay-offset", "0"] if slow else [])
             procs.append(Proc(["-m", "node.sampler", *join, "--state-dir", str(state_dir), "--batch-prompts", "4",
-                               "--seed", str(i), *ONE_THREAD, *LOOPBACK, *extra], run_dir / f"sampler-{i + 1}.log"))
+                               "--seed", str(i), *ONE_THREAD, *LOOPBACK, *extra, *shlex.split(args.sampler_args)], run_dir / f"sampler-{i + 1}.log"))
             samplers.append((name, state_dir))
         tty = sys.stdout.isatty()
         last_print = 0.0

@@ -4,6 +4,7 @@ offline hub failing fast, and deterministic prompt assignment."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -58,6 +59,29 @@ def test_synthetic_is_deterministic_and_parameterised():
         a[20]
     with pytest.raises(DataError, match="difficulty"):
         load_prompts(DataConfig(difficulty=9))
+
+
+def test_synthetic_word_problems_are_distinct_held_out_and_told_to_samplers_by_parameters():
+    from node.run_info import QuestionSet
+
+    cfg = DataConfig(difficulty=1, split="test", size=400, phrasing="word")
+    test = load_prompts(cfg)
+    train = load_prompts(DataConfig(difficulty=1, split="train", size=4000, phrasing="word"))
+    questions = [ex.question for ex in test]
+    assert len(set(questions)) >= 396  # hundreds of distinct held-out one-digit sums (only 100 expressions exist)
+    assert not set(questions) & {ex.question for ex in train}  # and none of them is trained on
+    for ex in list(test)[:50]:  # the answer is the sum of the two numbers the question names
+        a, b = (int(t) for t in re.findall(r"\d+", ex.question))
+        assert ex.answer == str(a + b) and "How many" in ex.question
+    assert "phrasing=word" in test.name and list(load_prompts(cfg)) == list(test)
+    told = QuestionSet.from_json(QuestionSet.of(cfg, test).to_json())
+    assert told.questions is None and [told[i] for i in range(400)] == questions  # parameters, not texts
+    # the expression phrasing is unchanged (recorded runs and samplers of older versions agree on it)
+    assert load_prompts(DataConfig(difficulty=1, size=3))[0].question == SyntheticArithmetic(1, 0, "train", 3)[0].question
+    with pytest.raises(DataError, match="word problems are sums"):
+        load_prompts(DataConfig(difficulty=4, phrasing="word"))
+    with pytest.raises(DataError, match="phrasing"):
+        load_prompts(DataConfig(phrasing="poem"))
 
 
 # ---- local files
