@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from node.cli import ArgumentParser, add_dataclass_args, dataclass_from_args, option
+from node.journal import ANSWERS_FILE, JOURNAL_FILE
 from node.local import LOOPBACK, REPO, Proc, join_args
 from node.publish_guard import PublishGuard
 from scripts.bench.bench_nodes import TreeMemory, _proc_table, _role
-from scripts.soak_figures import (check_versions, life_start_version, read_jsonl, report, rss_summary,
-                                  timing_summary)
+from scripts.soak_figures import (check_versions, first_after, life_start_version, read_jsonl, report,
+                                  rss_summary, timing_summary)
 
 RECIPE = "recipes/tiny-demo.yaml"
 RUN_ID = "soak"
@@ -175,6 +176,7 @@ class Life:
     life: int
     pid: int
     started: float  # seconds since the soak began
+    started_wall: float  # time.time() then (the nodes' records carry wall-clock times)
     learner_down_at_start: bool = False  # a sampler started while the learner was down or not yet accepting
     first_accepted_s: float | None = None  # after `started`
     ended: float | None = None
@@ -212,7 +214,8 @@ class Node:
         self.stopping = False
         self._progress_at_start = self.progress()
         self.proc = Proc(self.args, self.log_dir / f"{self.name}-{n}.log")
-        self.lives.append(Life(self.name, n, self.proc.pid, self.clock(), learner_down_at_start=learner_down))
+        self.lives.append(Life(self.name, n, self.proc.pid, self.clock(), time.time(),
+                               learner_down_at_start=learner_down))
 
     def terminate(self) -> None:
         """SIGTERM, once: a second one would make the program abort at once (node.metrics.GracefulStop)."""
@@ -522,18 +525,21 @@ class Soak:
             s.terminate()
         for s in self.samplers:
             self._stop(s, rss_due)
-        inbox = self.run_dir / "swarm" / "inbox"
-        metrics = file_size(self.run_dir / "metrics.jsonl")
-        quiet_since, last = self.clock(), metrics()
+        # Idle: neither a step (metrics.jsonl) nor any group's fate (journal.jsonl) recorded for 5 s. What it holds
+        # then is less than a step: kept (with the journal) for the next life, counted by the audit as pending.
+        records = [file_size(self.run_dir / "metrics.jsonl"), file_size(self.run_dir / "swarm" / JOURNAL_FILE)]
+        quiet_since, last = self.clock(), [size() for size in records]
 
         def learner_idle() -> bool:
             nonlocal quiet_since, last
-            if metrics() != last:
-                quiet_since, last = self.clock(), metrics()
-            return count_files(inbox) == 0 and self.clock() - quiet_since > 5.0
+            now = [size() for size in records]
+            if now != last:
+                quiet_since, last = self.clock(), now
+            return self.clock() - quiet_since > 5.0
 
         self.wait(max(5.0, deadline - self.clock()), rss_due, until=learner_idle)
-        self.log(f"drain: the learner's inbox holds {count_files(inbox)} groups; SIGTERM")
+        self.log(f"drain: the learner is idle ({count_files(self.run_dir / 'swarm' / 'inbox')} groups held in its "
+                 f"inbox); SIGTERM")
         self.learner.terminate()
         self._stop(self.learner, rss_due)
 
@@ -585,8 +591,24 @@ class Soak:
         result["exit_code"] = done.returncode
         return result, None
 
+    def exact_first_accepted(self) -> None:
+        """Restart -> first accepted group from the nodes' own records (wall-clock times of the learner's journal
+        "accepted" records, of each sampler's "accepted" answers) where they exist; the soak's polling otherwise."""
+        sources = [(self.learner, self.run_dir / "swarm" / JOURNAL_FILE, "e")]
+        sources += [(s, self.out / s.name / ANSWERS_FILE, "a") for s in self.samplers]
+        for node, path, kind in sources:
+            times = sorted(r["t"] for r in read_jsonl(path) if r.get(kind) == "accepted" and "t" in r)
+            if not times:
+                continue
+            for life in node.lives:
+                end = life.started_wall + (life.ended - life.started) if life.ended is not None else None
+                t = first_after(times, life.started_wall, end)
+                life.extra["first_accepted_polled_s"] = life.first_accepted_s
+                life.first_accepted_s = None if t is None else round(t - life.started_wall, 2)
+
     def figures(self, not_done: dict[str, int], plan: Plan) -> dict[str, Any]:
         audit, audit_error = self.audit()
+        self.exact_first_accepted()
         lives = [dataclasses.asdict(life) for node in self.nodes for life in node.lives]
         learner_lives = []
         metrics = read_jsonl(self.run_dir / "metrics.jsonl")

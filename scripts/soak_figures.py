@@ -6,6 +6,7 @@ report. Kept apart from the process orchestration so each can be read (and teste
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import statistics
@@ -88,6 +89,14 @@ def check_versions(metrics_rows: Iterable[dict[str, Any]], lives: list[dict[str,
             "last": versions[-1] if versions else None, "lives": [{k: life.get(k) for k in (
                 "life", "start_version", "last_trained_version", "highest_marker_at_end", "end")} for life in lives],
             "problems": problems[:20]}
+
+
+def first_after(times: list[float], start: float, end: float | None) -> float | None:
+    """The first of the sorted ``times`` in [start, end) (end None: no end)."""
+    i = bisect.bisect_left(times, start)
+    if i < len(times) and (end is None or times[i] < end):
+        return times[i]
+    return None
 
 
 def timing_summary(values: list[float]) -> dict[str, Any]:
