@@ -72,6 +72,9 @@ class SoakConfig:
                                          "node to get a first group accepted (a loaded machine is slow)")
     settle_timeout: float = option(240.0, "a node is killed only once it had a group accepted since its restart; "
                                           "after this many seconds without one it may be killed anyway")
+    max_overrun: float = option(600.0, "seconds the churn phase may run past --minutes for kills that had to wait "
+                                       "until their target had a group accepted (slow restarts on a loaded machine); "
+                                       "kills still not done then are reported")
     drain_timeout: float = option(240.0, "seconds for the drain: samplers delivering their outboxes, the learner "
                                          "taking what it accepted")
     stop_timeout: float = option(90.0, "seconds a node gets to exit after SIGTERM before its process group is "
@@ -348,6 +351,7 @@ class Soak:
         self.unexpected: list[str] = []
         self.load: list[float] = []
         self.events: list[tuple[float, str]] = []
+        self.churn_s = 0.0
         self.learner = Node("learner", self.learner_args(), self.out, self.clock,
                             file_size(self.run_dir / "swarm" / "accepted.log"))
         self.samplers: list[Node] = []
@@ -458,14 +462,18 @@ class Soak:
 
     def churn(self, plan: Plan, rss_due: list[float]) -> dict[str, int]:
         begin = self.clock()
-        end = begin + self.cfg.minutes * 60.0
+        planned_end = begin + self.cfg.minutes * 60.0
+        hard_end = planned_end + self.cfg.max_overrun
         learner_q = [(begin + t, d, k) for t, d, k in plan.learner_kills]
         sampler_q = [(begin + t, d) for t, d in plan.sampler_kills]
         restarts: list[tuple[float, Node]] = []  # (when, node)
         down_kills: list[tuple[float, float]] = []  # (when, restart at) for sampler kills during a learner downtime
         settle = self.cfg.settle_timeout
+        end = planned_end  # moved to `now` while planned kills still wait, up to hard_end
         while self.clock() < end or restarts:
             now = self.clock()
+            if now >= planned_end and (learner_q or sampler_q or down_kills) and now < hard_end:
+                end = now + TICK_S
             for when, node in [r for r in restarts if r[0] <= now]:
                 restarts.remove((when, node))
                 self._start(node)
@@ -498,7 +506,9 @@ class Soak:
                         restarts.append((self.clock() + downtime, victim))
             self.tick(rss_due)
             time.sleep(TICK_S)
-        return {"learner_not_done": len(learner_q), "sampler_not_done": len(sampler_q) + len(down_kills)}
+        self.churn_s = self.clock() - begin
+        planned_down = sum(k for _, _, k in learner_q)
+        return {"learner_not_done": len(learner_q), "sampler_not_done": len(sampler_q) + len(down_kills) + planned_down}
 
     def drain(self, rss_due: list[float]) -> None:
         """No more kills: each sampler, once it had a group accepted since its last start and its outbox is empty,
@@ -617,7 +627,8 @@ class Soak:
             rows = [r for r in metrics if "loss" in r and life.started <= r.get("time", 0) - wall0 <=
                     (life.ended if life.ended is not None else float("inf"))]
             text = Path(life.extra["log"]).read_text(errors="replace") if Path(life.extra["log"]).is_file() else ""
-            learner_lives.append({"life": life.life, "start_version": life_start_version(text), "end": life.end,
+            start, source = life_start_version(text)
+            learner_lives.append({"life": life.life, "start_version": start, "start_source": source, "end": life.end,
                                   "highest_marker_at_end": life.extra.get("highest_marker_at_end"),
                                   "last_trained_version": max((r["policy_version"] for r in rows), default=None)})
         versions = check_versions(metrics, learner_lives)
@@ -652,6 +663,7 @@ class Soak:
             "config": dataclasses.asdict(self.cfg),
             "command": " ".join(sys.argv),
             "duration_s": round(self.clock(), 1),
+            "churn_s": round(self.churn_s, 1),
             "load_average": load,
             "kills": {**self.kills, "planned_learner": len(plan.learner_kills),
                       "planned_sampler": len(plan.sampler_kills) + sum(k for _, _, k in plan.learner_kills),

@@ -62,32 +62,37 @@ def rss_summary(lives: list[dict[str, Any]], skip_s: float = 60.0) -> dict[str, 
     return out
 
 
-def life_start_version(log_text: str) -> int:
-    """The version a learner life continued at: the publish guard's line wins over the checkpoint's."""
-    for pattern in (CONTINUING, RESUMED):
+def life_start_version(log_text: str) -> tuple[int, str]:
+    """The version a learner life continued at, and why: ``guard`` (the publish guard's markers: above what may
+    have been shown), ``checkpoint`` (the checkpoint's own version: its weights are those published under it, if
+    any were) or ``fresh``. The guard's line wins over the checkpoint's."""
+    for pattern, source in ((CONTINUING, "guard"), (RESUMED, "checkpoint")):
         found = pattern.findall(log_text)
         if found:
-            return int(found[-1])
-    return 0
+            return int(found[-1]), source
+    return 0, "fresh"
 
 
 def check_versions(metrics_rows: Iterable[dict[str, Any]], lives: list[dict[str, Any]]) -> dict[str, Any]:
     """Versions strictly increasing across every trained step of every life (metrics.jsonl is appended across
     lives), and never reused: each learner life starts above the highest version the previous one may have shown
     (its ``publishing_version``/``published_version`` markers read right after the SIGKILL) and above every version
-    trained before."""
+    trained before, or exactly at it when it resumed from the checkpoint of that very version (the same weights,
+    published again under their own number)."""
     versions = [int(r["policy_version"]) for r in metrics_rows if "loss" in r and "policy_version" in r]
     problems = [f"trained version {b} after {a}" for a, b in zip(versions, versions[1:]) if b <= a]
     highest_before = -1
     for prev, life in zip(lives, lives[1:]):
         highest_before = max(highest_before, prev.get("highest_marker_at_end", -1) or -1,
                              prev.get("last_trained_version", -1) or -1)
-        if life["start_version"] <= highest_before:
+        start, source = life["start_version"], life.get("start_source", "guard")
+        if start < highest_before or (start == highest_before and source != "checkpoint"):
             problems.append(f"learner life {life['life']} started at version {life['start_version']} although "
                             f"version {highest_before} may have been shown already")
     return {"ok": not problems, "trained_steps": len(versions), "first": versions[0] if versions else None,
             "last": versions[-1] if versions else None, "lives": [{k: life.get(k) for k in (
-                "life", "start_version", "last_trained_version", "highest_marker_at_end", "end")} for life in lives],
+                "life", "start_version", "start_source", "last_trained_version", "highest_marker_at_end", "end")}
+                for life in lives],
             "problems": problems[:20]}
 
 
@@ -121,8 +126,9 @@ def report(fig: dict[str, Any]) -> str:
     load = fig["load_average"]
     lines = [
         "",
-        f"== churn soak: {fig['config']['minutes']:g} min of churn, {fig['duration_s'] / 60:.1f} min in all, "
-        f"seed {fig['config']['seed']} ==",
+        f"== churn soak: {fig['config']['minutes']:g} min of churn planned, {fig['churn_s'] / 60:.1f} done (kills "
+        f"wait for their target to have a group accepted), {fig['duration_s'] / 60:.1f} min in all, seed "
+        f"{fig['config']['seed']} ==",
         f"load average (1 min) during the run: mean {load['mean']}, max {load['max']} on {load['cpus']} CPUs",
         f"kills (SIGKILL): learner {k['learner']}, samplers {k['sampler']} ({k['sampler_while_learner_down']} while "
         f"the learner was down); planned {k['planned_learner']} / {k['planned_sampler']}",

@@ -67,7 +67,8 @@ def test_version_check_catches_a_life_that_starts_at_a_shown_version():
 
     log = ("INFO node.learner: resumed from runs/x/checkpoints/step-000010 at step 10, policy version 10\n"
            "WARNING node.learner: versions up to 13 may have been shown to the swarm already; continuing at version 14\n")
-    assert life_start_version(log) == 14
+    assert life_start_version(log) == (14, "guard")
+    assert life_start_version(log.splitlines()[0]) == (10, "checkpoint")
     rows = [{"loss": 0.0, "policy_version": v} for v in (1, 2, 3, 15, 16)]
     lives = [{"life": 1, "start_version": 0, "last_trained_version": 3, "highest_marker_at_end": 3},
              {"life": 2, "start_version": 14, "last_trained_version": 16, "highest_marker_at_end": None}]
@@ -75,6 +76,9 @@ def test_version_check_catches_a_life_that_starts_at_a_shown_version():
     reused = [dict(lives[0], highest_marker_at_end=14), lives[1]]
     assert not check_versions(rows, reused)["ok"]
     assert not check_versions(rows + [{"loss": 0.0, "policy_version": 16}], lives)["ok"]
+    # resuming from the checkpoint of the very version last shown publishes the same weights under it again: fine
+    same = [dict(lives[0], highest_marker_at_end=14), dict(lives[1], start_source="checkpoint")]
+    assert check_versions(rows, same)["ok"]
 
 
 def test_plan_has_the_requested_kills_and_help_shows_every_default():
