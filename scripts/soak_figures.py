@@ -76,15 +76,17 @@ def life_start_version(log_text: str) -> tuple[int, str]:
 def check_versions(metrics_rows: Iterable[dict[str, Any]], lives: list[dict[str, Any]]) -> dict[str, Any]:
     """Versions strictly increasing across every trained step of every life (metrics.jsonl is appended across
     lives), and never reused: each learner life starts above the highest version the previous one may have shown
-    (its ``publishing_version``/``published_version`` markers read right after the SIGKILL) and above every version
-    trained before, or exactly at it when it resumed from the checkpoint of that very version (the same weights,
-    published again under their own number)."""
+    (its ``publishing_version``/``published_version`` markers read right after the SIGKILL), or exactly at it
+    when it resumed from the checkpoint of that very version (the same weights, published again under their own
+    number)."""
     versions = [int(r["policy_version"]) for r in metrics_rows if "loss" in r and "policy_version" in r]
     problems = [f"trained version {b} after {a}" for a, b in zip(versions, versions[1:]) if b <= a]
     highest_before = -1
     for prev, life in zip(lives, lives[1:]):
-        highest_before = max(highest_before, prev.get("highest_marker_at_end", -1) or -1,
-                             prev.get("last_trained_version", -1) or -1)
+        # only what may have been visible counts: a version trained but killed before its publish began was never
+        # shown, and the next life may give its number to other weights
+        marker = prev.get("highest_marker_at_end")
+        highest_before = max(highest_before, -1 if marker is None else marker)
         start, source = life["start_version"], life.get("start_source", "guard")
         if start < highest_before or (start == highest_before and source != "checkpoint"):
             problems.append(f"learner life {life['life']} started at version {life['start_version']} although "
