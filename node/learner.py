@@ -32,6 +32,7 @@ from node.cli import (ArgumentParser, add_dataclass_args, add_process_args, data
                       parse_with_recipe, program_name, setup_process)
 from node.intake import Intake, IntakeConfig
 from node.errors import EXIT_INTERRUPTED, EXIT_USAGE, BootstrapError, ConfigError, ModelLoadError, fail
+from node.fault_points import pause_point
 from node.metrics import GracefulStop, MetricsWriter, StatusLine, quiet_transformers
 from node import policy_setup as ps
 from node.policy_setup import PolicyConfig
@@ -319,6 +320,7 @@ class Learner:
             rejected = guard.rejected if guard is not None and self.acc is None else {}
             self.swarm.inbox.trained(self.state.step, {g.tag[2]: rejected.get(i) for i, g in enumerate(groups)
                                                        if g.tag is not None and len(g.tag) > 2})
+            pause_point("learner:after_train", self.state.step)
         self.counters["tokens_trained"] += sum(len(c) for i, g in enumerate(mine) for c in g.completion_ids
                                                if guard is None or i not in guard.rejected)
         metrics["accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0
@@ -482,6 +484,7 @@ class Learner:
                 for key in banned:  # and its standing in the inbox shares (node/fairness.py)
                     self.swarm.forget_key(bytes.fromhex(key))
             need = max(1, self.cfg.groups_per_step - len(pending))
+            pause_point("learner:before_take", self.state.step)
             for accepted in self.swarm.get_rollouts(max_items=need, timeout=0.5):
                 last_rollout = time.monotonic()
                 if why := self._take(accepted.item, pending, accepted.seq):
@@ -491,6 +494,9 @@ class Learner:
                 groups = [g for g, _, _ in batch]
                 accuracies = [a for _, acc, _ in batch for a in acc]
                 extra = self._swarm_metrics(batch)
+                pause_point("learner:before_train", self.state.step + 1, until=lambda: self.stop.requested)
+                if self.stop.requested:  # a clean stop: the batch stays held in the inbox for the next life
+                    break
                 self._broadcast((groups, accuracies, extra))
                 m = self.train(groups, accuracies, extra)
                 if self.state.step % self.cfg.publish_every == 0 or self.state.step >= self.cfg.max_steps:
