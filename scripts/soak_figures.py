@@ -139,7 +139,8 @@ def report(fig: dict[str, Any]) -> str:
     ]
     if a:
         lines.append(f"groups: sent {a.get('sent')}, acknowledged {a.get('acknowledged')}, trained {a.get('trained')},"
-                     f" lost {a.get('lost')}, trained twice {a.get('trained_twice')}, dropped stale "
+                     f" lost {a.get('lost')}, trained twice {a.get('trained_twice')}, held for the next life "
+                     f"{a.get('pending')}, dropped stale "
                      f"{a.get('dropped_stale')}, rejected {a.get('rejected')}, duplicates {a.get('duplicates')}")
     else:
         lines.append(f"groups: no audit ({fig.get('audit_error', 'not run')})")
