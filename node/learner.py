@@ -27,7 +27,7 @@ from gepo.config import ADVANTAGE_STDS, AGGREGATIONS, GEPO_GROUPINGS, LOSS_TYPES
 from gepo.data import ANSWER_FORMATS, DataConfig, DataError, assign_prompt_index, format_prompt, load_prompts
 from gepo.evaluation import evaluate as evaluate_held_out, held_out_split
 from gepo.reward_funcs import RewardRunner, resolve_reward_specs
-from gepo.rewards import RewardConfig
+from gepo.rewards import RewardConfig, RewardWorkerError
 from node.cli import (ArgumentParser, add_dataclass_args, add_process_args, dataclass_from_args, option,
                       parse_with_recipe, program_name, setup_process)
 from node.intake import Intake, IntakeConfig
@@ -609,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         learner = Learner(cfg, loss, data, swarm_cfg, stop=stop, intake=intake, policy=policy)
     except (ValueError, DataError, ModelLoadError) as exc:  # a bad --model, --dataset or objective setting
         return fail(exc, EXIT_USAGE)
+    except RewardWorkerError as exc:  # the reward workers could not be started (bounded by their start-up timeout)
+        return fail(exc)
     try:
         learner.run()
         if stop.requested:
