@@ -190,7 +190,8 @@ class Learner:
         self.optimizer = self._make_optimizer()
         self.lr_scheduler = ps.build_scheduler(policy, self.optimizer, cfg.max_steps)
         if checkpoint:
-            load_optimizer(checkpoint, self.optimizer, self.lr_scheduler, accelerator=self.acc)
+            load_optimizer(checkpoint, self.optimizer, self.lr_scheduler, accelerator=self.acc,
+                           scaler=self.precision.scaler)
             self.state = load_run_state(checkpoint)
             log.info("resumed from %s at step %d, policy version %d", checkpoint, self.state.step,
                      self.state.policy_version)
@@ -344,7 +345,7 @@ class Learner:
     def checkpoint(self) -> None:
         self.state.counters = {"counters": dict(self.counters), "rejections": dict(self.rejections)}
         save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.state,
-                        scheduler=self.lr_scheduler, accelerator=self.acc)
+                        scheduler=self.lr_scheduler, accelerator=self.acc, scaler=self.precision.scaler)
 
     def close(self) -> None:
         self.intake.close()
