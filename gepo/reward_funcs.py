@@ -328,22 +328,33 @@ class RewardFunctionPool:
             for k, job in enumerate(jobs):
                 lanes[k % len(lanes)].calls.append(job)
             results: dict[int, tuple[str, Any]] = {}
-            for lane in lanes:
-                self._send_next(lane, results)
-            while any(lane.calls for lane in lanes):
-                active = [lane for lane in lanes if lane.calls]
-                wait_s = max(0.0, min(lane.deadline for lane in active) - time.monotonic())
-                by_conn = {lane.worker.conn: lane for lane in active}
-                for conn in wait_connections(list(by_conn), timeout=wait_s):
-                    self._on_reply(by_conn[conn], results)
-                now = time.monotonic()
-                for lane in active:
-                    if lane.calls and now >= lane.deadline:
-                        call = lane.calls.popleft()
-                        results[call.call_id] = ("timeout", f"ran past {self.timeout_s:g} s; its worker was killed")
-                        self._replace(lane)
-                        self._send_next(lane, results)
+            try:
+                self._drive(lanes, results)
+            except BaseException:
+                # A replacement that cannot be started (RewardWorkerError) leaves calls in flight on other lanes:
+                # their replies must not reach the next run, so those workers go too; _start refills the pool.
+                for lane in lanes:
+                    self._drop(lane.worker)
+                raise
             return [results[job.call_id] for job in jobs]
+
+    def _drive(self, lanes: list[_PoolLane], results: dict[int, tuple[str, Any]]) -> None:
+        """Send each lane's calls one at a time and collect the replies, killing a worker past its deadline."""
+        for lane in lanes:
+            self._send_next(lane, results)
+        while any(lane.calls for lane in lanes):
+            active = [lane for lane in lanes if lane.calls]
+            wait_s = max(0.0, min(lane.deadline for lane in active) - time.monotonic())
+            by_conn = {lane.worker.conn: lane for lane in active}
+            for conn in wait_connections(list(by_conn), timeout=wait_s):
+                self._on_reply(by_conn[conn], results)
+            now = time.monotonic()
+            for lane in active:
+                if lane.calls and now >= lane.deadline:
+                    call = lane.calls.popleft()
+                    results[call.call_id] = ("timeout", f"ran past {self.timeout_s:g} s; its worker was killed")
+                    self._replace(lane)
+                    self._send_next(lane, results)
 
     def close(self) -> None:
         with self._lock:
@@ -412,10 +423,14 @@ class RewardFunctionPool:
         self._send_next(lane, results)
 
     def _replace(self, lane: _PoolLane) -> None:
-        lane.worker.stop(graceful=False)
-        worker = _pool_worker(self._ctx, self.targets, self.config, self.timeout_s)
-        self._workers[self._workers.index(lane.worker)] = worker
-        lane.worker = worker
+        self._drop(lane.worker)  # first: if the new one cannot be started, no stopped worker stays in the pool
+        lane.worker = _pool_worker(self._ctx, self.targets, self.config, self.timeout_s)
+        self._workers.append(lane.worker)
+
+    def _drop(self, worker: _Worker) -> None:
+        worker.stop(graceful=False)
+        if worker in self._workers:
+            self._workers.remove(worker)
 
 
 # --------------------------------------------------------------------------------------------------------------------

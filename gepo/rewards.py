@@ -45,6 +45,7 @@ import multiprocessing
 import os
 import queue
 import re
+import signal
 import threading
 import time
 import weakref
@@ -90,6 +91,9 @@ class RewardConfig:
     worker_memory_mb: address space each worker may add to what it maps at start (RLIMIT_AS), so a runaway check
         fails with MemoryError instead of exhausting the machine before its deadline; None for no limit.
     startup_timeout_s: how long a fresh worker may take to import and self-check math-verify before it counts as broken.
+    launch_timeout_s: how long starting the process may take (through the fork server: until the server has forked
+        it; the first start of a process includes the server's own import of math-verify). Past it the fork server
+        is taken as stuck, killed (the next start launches a fresh one) and RewardWorkerError raised.
     """
 
     accuracy_weight: float = 1.0
@@ -102,6 +106,7 @@ class RewardConfig:
     start_method: str = "forkserver"
     worker_memory_mb: int | None = 4096
     startup_timeout_s: float = 60.0
+    launch_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
@@ -114,6 +119,8 @@ class RewardConfig:
             raise ValueError(f"start_method must be 'forkserver' or 'spawn', got {self.start_method!r}")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s must be positive, got {self.startup_timeout_s}")
+        if self.launch_timeout_s <= 0:
+            raise ValueError(f"launch_timeout_s must be positive, got {self.launch_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -330,8 +337,6 @@ def _check(answer: str, gold: str, literal_answers: bool) -> tuple[float, bool]:
 
 
 def _worker_setup(memory_mb: int | None) -> None:
-    import signal
-
     # Ctrl-C in the terminal reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if memory_mb is not None:
@@ -422,6 +427,47 @@ def _context(start_method: str) -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
+def _start_process(process: multiprocessing.process.BaseProcess, timeout_s: float) -> None:
+    """`process.start()`, bounded in time. Through the fork server, start() blocks until the server has forked the
+    child and sent its pid; a fork server that is stopped, swapped out or stuck in its preload imports would block
+    the learner for ever, with no deadline of ours running yet. On expiry the stuck fork server is killed, so that
+    the blocked start() sees EOF and the next start launches a fresh server (multiprocessing does that itself)."""
+    failure: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            process.start()
+        except BaseException as e:  # noqa: BLE001 - reported to the caller below
+            failure.append(e)
+
+    thread = threading.Thread(target=start, name="gepo-reward-worker-start", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        killed = _kill_fork_server()
+        thread.join(5)
+        raise RewardWorkerError(
+            f"a reward worker process was not started within {timeout_s:g} s: the multiprocessing fork server did "
+            f"not answer{' (killed; the next try starts a fresh one)' if killed else ''}")
+    if failure:
+        raise RewardWorkerError(f"a reward worker process could not be started: {failure[0]!r}") from failure[0]
+
+
+def _kill_fork_server() -> bool:
+    """SIGKILL this process's multiprocessing fork server (private state: there is no public handle on it)."""
+    from multiprocessing import forkserver
+
+    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    if pid is None:
+        return False
+    logger.warning("the multiprocessing fork server (pid %d) did not fork a reward worker in time; killing it", pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        return False
+    return True
+
+
 class _Worker:
     """A worker process and the parent's end of its pipe. `target(conn, worker_memory_mb, cpu_seconds, *extra)` is
     what it runs (math-verify checks by default; gepo.reward_funcs runs reward plug-ins with it)."""
@@ -437,8 +483,10 @@ class _Worker:
             name=name,
             daemon=True,
         )
-        self.process.start()
-        child_conn.close()  # so the parent sees EOF if the worker dies
+        try:
+            _start_process(self.process, config.launch_timeout_s)
+        finally:
+            child_conn.close()  # so the parent sees EOF if the worker dies
         self.conn = parent_conn
         self.ready = False
 
@@ -581,11 +629,20 @@ class RewardScorer:
             if self._ctx is not None:
                 return
             self._ctx = _context(self.config.start_method)
-            for _ in range(self.config.num_workers):
-                worker = _Worker(self._ctx, self.config)
+        self._refill()
+        logger.info("started %d reward workers (%s)", self.config.num_workers, self._ctx.get_start_method())
+
+    def _refill(self) -> None:
+        """Start workers until the pool has its size again: a replacement that could not be started leaves a gap,
+        and with no worker left every later call would wait for an idle one for ever."""
+        with self._lock:
+            while len(self._workers) < self.config.num_workers:
+                if self._closed:
+                    raise RewardWorkerError("RewardScorer is closed")
+                assert self._ctx is not None
+                worker = _Worker(self._ctx, self.config)  # RewardWorkerError if it cannot be started in time
                 self._workers.append(worker)
                 self._idle.put(worker)
-            logger.info("started %d reward workers (%s)", self.config.num_workers, self._ctx.get_start_method())
 
     def _new_worker(self, old: _Worker) -> _Worker:
         """Replace a killed, dead or stuck worker, keeping the pool size constant."""
@@ -605,6 +662,7 @@ class RewardScorer:
         """At least one worker (waiting for it if all are lent out), and up to `wanted` if idle.
 
         Taking only one blocking keeps concurrent callers from deadlocking on each other's partial sets."""
+        self._refill()
         while True:
             if self._closed:
                 raise RewardWorkerError("RewardScorer is closed")
@@ -612,6 +670,7 @@ class RewardScorer:
                 workers = [self._idle.get(timeout=0.2)]
                 break
             except queue.Empty:
+                self._refill()
                 continue
         while len(workers) < wanted:
             try:

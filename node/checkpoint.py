@@ -2,7 +2,8 @@
 
     run_dir/checkpoints/step-000020/
         model/            save_pretrained(): config, weights (LoRA: the adapters only), tokenizer files
-        optimizer.pt      optimizer state (under DeepSpeed: accelerate/, every rank's shard)
+        optimizer.pt      optimizer state (under DeepSpeed: accelerate/, every rank's shard); with --dtype float16
+                          also the GradScaler's (loss scale, growth tracker), so --resume keeps the scale it found
         scheduler.pt      learning-rate scheduler state
         state.json        step, policy version, counters, RNG seeds: the run state
     run_dir/checkpoints/LATEST   name of the newest complete checkpoint
@@ -48,7 +49,7 @@ def _barrier(accelerator: Any) -> None:
 
 def save_checkpoint(run_dir: str | Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
                     state: RunState, *, keep: int = 2, scheduler: Any | None = None,
-                    accelerator: Any | None = None) -> Path:
+                    accelerator: Any | None = None, scaler: Any | None = None) -> Path:
     """Called on every rank under accelerate: the main rank writes the files; under DeepSpeed every rank also
     writes its optimizer shard (accelerator.save_state), because no rank holds the whole optimizer state."""
     is_main = accelerator is None or accelerator.is_main_process
@@ -67,7 +68,10 @@ def save_checkpoint(run_dir: str | Path, model: Any, tokenizer: Any, optimizer: 
     if _is_deepspeed(accelerator):
         accelerator.save_state(str(tmp / "accelerate"))
     elif is_main:
-        torch.save({"optimizer": optimizer.state_dict()}, tmp / "optimizer.pt")
+        saved = {"optimizer": optimizer.state_dict()}
+        if scaler is not None:  # fp16's torch.amp.GradScaler (gepo.precision); accelerate keeps its own
+            saved["grad_scaler"] = scaler.state_dict()
+        torch.save(saved, tmp / "optimizer.pt")
     if is_main and scheduler is not None:  # the same on every rank, and not part of accelerate's state
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     _barrier(accelerator)
@@ -102,9 +106,9 @@ def load_run_state(checkpoint: Path) -> RunState:
 
 
 def load_optimizer(checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any | None = None, *,
-                   accelerator: Any | None = None, after_prepare: bool = False) -> None:
+                   accelerator: Any | None = None, after_prepare: bool = False, scaler: Any | None = None) -> None:
     """Plain and DDP optimizers are restored before accelerator.prepare(); DeepSpeed's sharded state after it.
-    The scheduler (which wraps the unprepared optimizer) is restored with the first call."""
+    The scheduler (which wraps the unprepared optimizer) and an fp16 GradScaler are restored with the first call."""
     if scheduler is not None and not after_prepare:
         load_scheduler(checkpoint, scheduler)
     if _is_deepspeed(accelerator):
@@ -115,6 +119,12 @@ def load_optimizer(checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler
         return
     saved = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
+    if scaler is not None:
+        if "grad_scaler" in saved:
+            scaler.load_state_dict(saved["grad_scaler"])
+        else:  # a float32/bfloat16 checkpoint, or one written before the scale was saved
+            log.warning("%s has no loss-scaler state; the fp16 loss scale starts from %g", checkpoint,
+                        scaler.get_scale())
 
 
 def load_scheduler(checkpoint: Path, scheduler: Any) -> None:

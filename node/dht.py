@@ -30,6 +30,7 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from hivemind.dht import DHT
+from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -155,8 +156,40 @@ def _parent_watchdog(parent_pid: int, daemon_pid: Optional[int], period: float =
             os._exit(0)
 
 
+def _validate_dictionary_per_subkey(protocol, key_bytes: bytes, dictionary) -> bool:
+    """hivemind's ``DHTProtocol._validate_dictionary``, but an invalid entry is dropped instead of the whole value.
+
+    hivemind rejects a dictionary value (a peer's answer to a find, or a whole-dictionary store) if any one subkey
+    fails validation. Under the learner's heartbeat key that let one entry a pinned sampler cannot accept - another
+    key's heartbeat, which nodes without --learner-key store, or a malformed entry from a lying peer - hide the
+    learner's own, valid heartbeat in every copy that held both. Each entry is signed on its own, so each is judged
+    on its own; the value is refused only if no entry is left."""
+    validator = protocol.record_validator
+    if validator is None:
+        return True
+    with dictionary.freeze():
+        invalid = [subkey for subkey, (value_bytes, expiration_time) in dictionary.items()
+                   if not validator.validate(DHTRecord(key_bytes, protocol.serializer.dumps(subkey), value_bytes,
+                                                       expiration_time))]
+    for subkey in invalid:
+        del dictionary[subkey]
+    return not invalid or len(dictionary) > 0
+
+
+def _judge_dictionary_entries_one_by_one() -> None:
+    """Install _validate_dictionary_per_subkey (in the DHT process), if this hivemind has the method it replaces."""
+    from hivemind.dht.protocol import DHTProtocol
+
+    if not callable(getattr(DHTProtocol, "_validate_dictionary", None)):
+        logger.warning("this hivemind has no DHTProtocol._validate_dictionary: one invalid DHT entry may hide the "
+                       "valid ones stored with it under the same key")
+        return
+    DHTProtocol._validate_dictionary = _validate_dictionary_per_subkey
+
+
 class SwarmDHT(DHT):
-    """hivemind DHT whose forked process (a) uses a plain asyncio loop, (b) dies with its parent."""
+    """hivemind DHT whose forked process (a) uses a plain asyncio loop, (b) dies with its parent, (c) judges the
+    entries of a dictionary value one by one (:func:`_validate_dictionary_per_subkey`)."""
 
     p2pd_pid: Optional[int] = None
 
@@ -169,6 +202,7 @@ class SwarmDHT(DHT):
             return loop
 
         dht_module.switch_to_uvloop = _plain_loop
+        _judge_dictionary_entries_one_by_one()
         threading.Thread(
             target=_parent_watchdog, args=(self._parent_pid, self.p2pd_pid), name="parent-watchdog", daemon=True
         ).start()

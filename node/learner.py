@@ -27,7 +27,7 @@ from gepo.config import ADVANTAGE_STDS, AGGREGATIONS, GEPO_GROUPINGS, LOSS_TYPES
 from gepo.data import ANSWER_FORMATS, DataConfig, DataError, assign_prompt_index, format_prompt, load_prompts
 from gepo.evaluation import evaluate as evaluate_held_out, held_out_split
 from gepo.reward_funcs import RewardRunner, resolve_reward_specs
-from gepo.rewards import RewardConfig
+from gepo.rewards import RewardConfig, RewardWorkerError
 from gepo.synthetic import PHRASINGS
 from node.cli import (ArgumentParser, add_dataclass_args, add_process_args, dataclass_from_args, option,
                       parse_with_recipe, program_name, setup_process)
@@ -192,7 +192,8 @@ class Learner:
         self.optimizer = self._make_optimizer()
         self.lr_scheduler = ps.build_scheduler(policy, self.optimizer, cfg.max_steps)
         if checkpoint:
-            load_optimizer(checkpoint, self.optimizer, self.lr_scheduler, accelerator=self.acc)
+            load_optimizer(checkpoint, self.optimizer, self.lr_scheduler, accelerator=self.acc,
+                           scaler=self.precision.scaler)
             self.state = load_run_state(checkpoint)
             log.info("resumed from %s at step %d, policy version %d", checkpoint, self.state.step,
                      self.state.policy_version)
@@ -351,7 +352,7 @@ class Learner:
     def checkpoint(self) -> None:
         self.state.counters = {"counters": dict(self.counters), "rejections": dict(self.rejections)}
         save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.state,
-                        scheduler=self.lr_scheduler, accelerator=self.acc)
+                        scheduler=self.lr_scheduler, accelerator=self.acc, scaler=self.precision.scaler)
         if self.swarm is not None:  # the groups trained up to this step are safe in it: their bytes can go
             self.swarm.inbox.covered(self.state.step)
 
@@ -628,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         learner = Learner(cfg, loss, data, swarm_cfg, stop=stop, intake=intake, policy=policy)
     except (ValueError, DataError, ModelLoadError) as exc:  # a bad --model, --dataset or objective setting
         return fail(exc, EXIT_USAGE)
+    except RewardWorkerError as exc:  # the reward workers could not be started (bounded by their start-up timeout)
+        return fail(exc)
     try:
         learner.run()
         if stop.requested:

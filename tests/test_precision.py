@@ -114,6 +114,35 @@ def test_reference_is_frozen_in_the_compute_dtype_and_kl_appears(tiny, one_threa
         build_reference(cfg, other, None, "cpu", torch.float32)
 
 
+def test_fp16_loss_scale_and_growth_tracker_survive_a_checkpoint(tiny, tmp_path, one_thread):
+    """--resume with --dtype float16 continues with the scale the run had found, not GradScaler's initial 65536
+    (which would overflow, and skip, the first steps again after every restart)."""
+    from node.checkpoint import RunState, latest_checkpoint, load_optimizer, save_checkpoint
+
+    model, tokenizer, groups = tiny
+    policy = copy.deepcopy(model)
+    precision = Precision.for_device("cpu", torch.float16)
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=3)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    cfg = TrainStepConfig(loss=LossConfig(loss_type="grpo"), micro_batch_rows=16)
+    skipped = []
+    for _ in range(4):  # overflowing steps halve the scale; finite ones count towards growth (every 3rd)
+        m = train_step(policy, optimizer, groups, cfg, pad_token_id=tokenizer.pad_token_id, precision=precision)
+        skipped.append(m["skipped_nonfinite"])
+    saved = precision.scaler.state_dict()
+    # measured: 2 skipped, then 2 finite steps (scale 2**18, growth tracker 2); the state moved, so the test can fail
+    assert 0 < sum(skipped) < 4 and saved["scale"] < 2.0**20 and saved["_growth_tracker"] > 0, (skipped, saved)
+    save_checkpoint(tmp_path, policy, tokenizer, optimizer, RunState(step=6, policy_version=6),
+                    scaler=precision.scaler)
+
+    resumed = Precision.for_device("cpu", torch.float16)  # what the learner builds before loading a checkpoint
+    assert resumed.scaler.get_scale() != saved["scale"]
+    load_optimizer(latest_checkpoint(tmp_path), torch.optim.AdamW(copy.deepcopy(model).parameters(), lr=1e-4),
+                   scaler=resumed.scaler)
+    assert resumed.scaler.state_dict() == saved  # scale, growth tracker, factors and interval
+    assert resumed.scaler.get_scale() == saved["scale"]
+
+
 def test_scheduler_warms_up_decays_and_restores_from_a_checkpoint(tiny, tmp_path):
     from node.checkpoint import RunState, latest_checkpoint, load_optimizer, save_checkpoint
 

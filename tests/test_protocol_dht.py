@@ -172,3 +172,56 @@ def test_honest_node_refuses_forged_store_directly(swarm):
         res = reader.get(key, latest=True, return_future=True).result(timeout=TIMEOUT)
         assert res is None or SAMPLER.public_key_str not in res.value
     assert ok in (True, False)  # hivemind's store() result is not trustworthy with mixed validators
+
+
+@pytest.mark.timeout(180)
+def test_one_bad_entry_does_not_hide_the_pinned_learner():
+    """Several entries under the heartbeat key, one of them another key's heartbeat and one malformed: a sampler
+    pinned to the learner's key must still find the learner's. hivemind rejects a whole dictionary value when one
+    entry fails validation, so the copy that held all three used to answer "nothing" to the pinned sampler.
+
+    Node ids are chosen so that the only copy is on one node that accepts everything (as a node without
+    --learner-key, or a lying one, would), with the learner storing on the single nearest node: what a large swarm
+    looks like to a key whose nearest replicas are other samplers' nodes."""
+    from hivemind.dht.routing import DHTID
+
+    from node.dht import SwarmDHT
+
+    hb_key = LearnerHeartbeat.key_for(RUN)
+    key_id = DHTID.generate(source=hb_key)
+
+    def far(i):  # far from the key: never the nearest replica
+        return DHTID(key_id ^ (1 << 159 - i))
+
+    def node(cls, validators, node_id, peers=None):
+        return cls(initial_peers=peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=False,
+                   nat_port_map=False, auto_nat=False, use_relay=False, record_validators=validators,
+                   node_id=node_id, num_replicas=1)
+
+    nodes = []
+    try:
+        replica = node(hivemind.DHT, [AttackerValidator()], DHTID(key_id ^ 1))  # the nearest node to the key
+        nodes.append(replica)
+        peers = [str(a) for a in replica.get_visible_maddrs()]
+        learner = node(hivemind.DHT, [Ed25519OwnerValidator(RUN, LEARNER, learner=LEARNER.public_key)], far(0), peers)
+        nodes.append(learner)
+        pinned = node(SwarmDHT, [Ed25519OwnerValidator(RUN, SAMPLER, learner=LEARNER.public_key)], far(1), peers)
+        nodes.append(pinned)
+
+        assert store(learner, heartbeat(7), LEARNER.public_key_str) is not None
+        store(replica, heartbeat(98, "other-key-peer"), ATTACKER.public_key_str)  # signed by its own (other) key
+        store(replica, heartbeat(99, "malformed-peer"), ATTACKER.public_key_str[:-13] + "bad-signature")
+        raw = replica.get(hb_key, latest=True, return_future=True).result(timeout=TIMEOUT)
+        assert len(raw.value) == 3  # the three entries sit together on the one replica
+        assert learner.get(hb_key, latest=True, return_future=True).result(timeout=TIMEOUT) is None  # no own copy
+
+        hbs, res = get_records(pinned, hb_key, LearnerHeartbeat)  # what the pinned sampler's lookup does
+        assert set(hbs) == {LEARNER.public_key}, res
+        assert hbs[LEARNER.public_key].policy_version == 7
+        assert set(res.value) == {LEARNER.public_key_str}  # the other entries were dropped, one by one
+    finally:
+        for n in nodes:
+            try:
+                n.shutdown()
+            except Exception:  # pragma: no cover
+                pass

@@ -248,6 +248,76 @@ def test_a_worker_that_cannot_start_is_an_error_not_a_zero():
         s.score(["1/2"], ["0.5"])
 
 
+# Run in a child process: it stops that process's own fork server, which every scorer of the process shares.
+_STOPPED_FORK_SERVER = """
+import dataclasses, json, os, signal, sys, tempfile, time
+from multiprocessing import forkserver
+from gepo.reward_funcs import RewardFunctionPool
+from gepo.rewards import RewardConfig, RewardScorer, RewardWorkerError
+
+def attempt(call):
+    start = time.monotonic()
+    try:
+        outcome = repr(call())
+    except RewardWorkerError as e:
+        outcome = "RewardWorkerError: " + str(e)
+    return {"outcome": outcome, "elapsed": time.monotonic() - start}
+
+if __name__ == "__main__":
+    config = RewardConfig(num_workers=1)
+    plugin = os.path.join(tempfile.mkdtemp(), "plugin.py")
+    with open(plugin, "w") as f:
+        f.write("def one(prompts, completions, **kwargs):\\n    return [1.0] * len(completions)\\n")
+    scorer, pool = RewardScorer(config), RewardFunctionPool([plugin + ":one"], config, timeout_s=5.0)
+    scorer.warm_up()  # the default launch timeout here: the first start includes the server's preload imports
+    pool.warm_up()
+    scorer.config = pool.config = dataclasses.replace(config, launch_timeout_s=3.0)
+    server = forkserver._forkserver._forkserver_pid
+    print(json.dumps({"fork_server": server}), flush=True)
+    os.kill(server, signal.SIGSTOP)  # a stopped (or swapped-out, or stuck) fork server: no worker can be forked
+    for worker in scorer._workers + pool._workers:
+        os.kill(worker.process.pid, signal.SIGKILL)  # so the next call needs a new one
+    report = {"scorer": attempt(lambda: scorer.score(["1/2"], ["0.5"])),
+              "pool": attempt(lambda: pool.run([(0, ["q"], ["a"], {})]))}
+    # the stuck server was killed: the next calls start a fresh one (which imports math-verify again) and work
+    scorer.config = pool.config = config
+    report["scorer_after"] = attempt(lambda: scorer.score(["1/2", "\\\\frac{1}{3}"], ["0.5", "0.5"]))
+    report["pool_after"] = attempt(lambda: pool.run([(0, ["q"], ["a"], {})]))
+    report["workers_after"] = [len(scorer._workers), len(pool._workers)]
+    scorer.close()
+    pool.close()
+    print(json.dumps(report), flush=True)
+"""
+
+
+def test_a_fork_server_that_does_not_answer_is_an_error_within_the_start_up_timeout():
+    """Starting a worker through a stopped fork server used to block the learner for ever (process.start() waits for
+    the server's reply); now it is a RewardWorkerError after launch_timeout_s, and the next call works again."""
+    proc = subprocess.Popen([sys.executable, "-c", _STOPPED_FORK_SERVER], cwd=Path(__file__).parents[1],
+                            stdout=subprocess.PIPE, text=True)
+    server = None
+    try:
+        server = json.loads(proc.stdout.readline())["fork_server"]
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if server is not None:  # stopped and orphaned if the child hung: never leave it behind
+            try:
+                os.kill(server, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    report = json.loads(out.strip().splitlines()[-1])
+    for name in ("scorer", "pool"):
+        assert report[name]["outcome"].startswith("RewardWorkerError: a reward worker process was not started "
+                                                  "within 3 s"), report
+        # the launch bound, plus joining the killed worker (5 s) and slack for a loaded machine; it was for ever
+        assert report[name]["elapsed"] < 3.0 + 5 + 20, report
+    assert report["scorer_after"]["outcome"] == repr([RewardResult(1.0, 0.0, 1.0), RewardResult(0.0, 0.0, 0.0)])
+    assert report["pool_after"]["outcome"] == repr([("ok", [1.0])])
+    assert report["workers_after"] == [1, 1]  # the pools have their size again
+
+
 def test_worker_reports_a_failed_self_check(monkeypatch):
     """A broken install (or memory cap) must not silently score everything 0.0: the worker refuses to start."""
     import multiprocessing
