@@ -51,6 +51,11 @@ logger = logging.getLogger(__name__)
 
 
 MAX_TRACKED_PEERS = 1024  # per version, for the rationer's "who took how many copies" (hoarding) count
+#: seconds a hoarder (below) has to pass on a chunk before the learner serves that chunk again regardless: an honest
+#: peer that happened to fetch most first copies (the first to ask, or a small version or delta that one peer gets
+#: in a burst) shares them within this time; without the grace its copies were re-served at once to everybody, and
+#: the learner, not the samplers, uploaded most bytes (issue 13's "samplers served 28 %" in make demo).
+HOARD_GRACE_S = 2.0
 RATIONED_OBJECTS = 16  # versions and deltas whose serve counts the rationer keeps (the newest ones)
 MAX_LISTED = 2048  # deltas / versions named in one `deltas` answer (newest first)
 
@@ -124,14 +129,20 @@ class ChunkRationer:
         counts, last, interval = self._state[version]
         now = time.monotonic() if now is None else now
         eligible = lacking & ((counts == 0) | (now - last >= interval))
+        grace_wait = np.inf
         if requester is not None and not eligible.any() and lacking.any():
             # "ration stealing": a peer that fetches every first copy and shares none must not make everybody
-            # else wait out the interval. A chunk whose every copy went to such hoarders is served again at once.
+            # else wait out the interval. A chunk whose every copy went to such hoarders is served again once the
+            # hoarders had HOARD_GRACE_S to pass it on (as an honest peer does).
             hoarders = self._hoarders(version, requester, len(counts))
             if hoarders:
                 served_to = self._served_to[version]
                 hoarded = [i for i in np.flatnonzero(lacking).tolist()
                            if requester not in served_to.get(i, ()) and set(served_to.get(i, ())) <= hoarders]
+                grace = min(HOARD_GRACE_S, interval / 2)
+                if hoarded:
+                    grace_wait = float(np.min(last[hoarded] + grace - now))
+                hoarded = [i for i in hoarded if now - last[i] >= grace]
                 if hoarded:
                     self.hoard_waivers += 1
                     eligible = np.zeros_like(lacking)
@@ -147,7 +158,7 @@ class ChunkRationer:
         if not eligible.any():
             if not lacking.any():
                 return None, 0.0
-            wait = float(np.min(last[lacking] + interval - now))
+            wait = min(float(np.min(last[lacking] + interval - now)), grace_wait)
             return None, max(0.2, wait)
         cand = np.flatnonzero(eligible)
         best = cand[counts[cand] == counts[cand].min()]

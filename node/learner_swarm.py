@@ -405,6 +405,7 @@ class LearnerSwarm:
             "keyframe": self.store.pinned,
             "busy_answers": s.busy,
             "rationed_answers": s.rationed,
+            "hoard_waivers": self.rationer.hoard_waivers if self.rationer is not None else 0,
             "chunk_requests_limited": s.limited,
             **self.shares.snapshot(),
             **self.streams.snapshot(),
