@@ -11,7 +11,13 @@ chunk       ``v``, ``d`` (manifest digest), ``i``      ``{ok, v, i, bm}`` + the 
             (None: "you choose"), ``excl`` (bitmap     ``unknown_version`` / ``missing`` (with ``bm``) /
             of chunks the requester has or is          ``rationed`` / ``busy`` (with ``retry_after``)
             already fetching)
+deltas      (nothing)                                  ``{ok}`` + msgpack ``{deltas: [[base, v, size, digest]], fulls:
+                                                       [[v, size, digest]], keyframe}``: what this node holds
 ==========  =========================================  ===========================================================
+
+A request with ``b`` (an int) is about the delta ``b -> v`` (:mod:`node.delta_store`) instead of the full version
+``v``: ``manifest`` answers its signed delta manifest, ``have``/``chunk`` its compressed chunks, exactly as for a
+version (``d`` is then the delta manifest's digest).
 
 Every answer to a chunk request carries the server's current bitmap (``bm``): an active downloader learns what its
 sources hold for free ("have" messages piggy-backed on the data). At most ``max_uploads`` chunks are sent at once
@@ -33,6 +39,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
+import msgpack
 import numpy as np
 
 from .fairness import PeerRateLimiter
@@ -44,6 +51,18 @@ logger = logging.getLogger(__name__)
 
 
 MAX_TRACKED_PEERS = 1024  # per version, for the rationer's "who took how many copies" (hoarding) count
+#: seconds a hoarder (below) has to pass on a chunk before the learner serves that chunk again regardless: an honest
+#: peer that happened to fetch most first copies (the first to ask, or a small version or delta that one peer gets
+#: in a burst) shares them within this time; without the grace its copies were re-served at once to everybody, and
+#: the learner, not the samplers, uploaded most bytes (issue 13's "samplers served 28 %" in make demo).
+HOARD_GRACE_S = 2.0
+RATIONED_OBJECTS = 16  # versions and deltas whose serve counts the rationer keeps (the newest ones)
+MAX_LISTED = 2048  # deltas / versions named in one `deltas` answer (newest first)
+
+
+def _recency(key) -> Tuple[int, int]:
+    """Sort key of a served object: a version ``v`` or a delta ``(base, v)``, newest target version last."""
+    return (key, -1) if isinstance(key, int) else (key[1], key[0])
 
 
 class ChunkRationer:
@@ -77,7 +96,7 @@ class ChunkRationer:
             self._served_to[version] = defaultdict(list)
             self._resends[version] = Counter()
             self._copies_to[version] = Counter()
-            for v in sorted(self._state)[:-4]:
+            for v in sorted(self._state, key=_recency)[:-RATIONED_OBJECTS]:
                 del self._state[v]
                 self._served_to.pop(v, None)
                 self._resends.pop(v, None)
@@ -110,14 +129,20 @@ class ChunkRationer:
         counts, last, interval = self._state[version]
         now = time.monotonic() if now is None else now
         eligible = lacking & ((counts == 0) | (now - last >= interval))
+        grace_wait = np.inf
         if requester is not None and not eligible.any() and lacking.any():
             # "ration stealing": a peer that fetches every first copy and shares none must not make everybody
-            # else wait out the interval. A chunk whose every copy went to such hoarders is served again at once.
+            # else wait out the interval. A chunk whose every copy went to such hoarders is served again once the
+            # hoarders had HOARD_GRACE_S to pass it on (as an honest peer does).
             hoarders = self._hoarders(version, requester, len(counts))
             if hoarders:
                 served_to = self._served_to[version]
                 hoarded = [i for i in np.flatnonzero(lacking).tolist()
                            if requester not in served_to.get(i, ()) and set(served_to.get(i, ())) <= hoarders]
+                grace = min(HOARD_GRACE_S, interval / 2)
+                if hoarded:
+                    grace_wait = float(np.min(last[hoarded] + grace - now))
+                hoarded = [i for i in hoarded if now - last[i] >= grace]
                 if hoarded:
                     self.hoard_waivers += 1
                     eligible = np.zeros_like(lacking)
@@ -133,7 +158,7 @@ class ChunkRationer:
         if not eligible.any():
             if not lacking.any():
                 return None, 0.0
-            wait = float(np.min(last[lacking] + interval - now))
+            wait = min(float(np.min(last[lacking] + interval - now)), grace_wait)
             return None, max(0.2, wait)
         cand = np.flatnonzero(eligible)
         best = cand[counts[cand] == counts[cand].min()]
@@ -189,6 +214,7 @@ class ChunkServer:
         rpc_timeout: float = 10.0,
         stall_timeout: float = 15.0,
         rationer: Optional[ChunkRationer] = None,
+        deltas: Optional[WeightStore] = None,
         slot_wait: float = 5.0,
         keepalive: float = 30.0,
         max_streams: int = 256,
@@ -197,6 +223,7 @@ class ChunkServer:
         requests_per_peer: Optional[float] = None,
     ):
         self.store = store
+        self.deltas = deltas  # a node.delta_store.DeltaStore: the deltas this node serves (None: none)
         self.limiter = limiter
         self.rationer = rationer
         self.rpc_timeout = rpc_timeout
@@ -214,7 +241,9 @@ class ChunkServer:
         self._slots: Optional[asyncio.Semaphore] = None
         self.stats = UploadStats()
         self.bytes_by_version: Dict[int, int] = defaultdict(int)
-        #: test hook: ``tamper(version, index, data) -> bytes`` replaces the bytes sent for a chunk
+        self.bytes_by_delta: Dict[str, int] = defaultdict(int)  # "base-version" -> bytes uploaded
+        #: test hook: ``tamper(key, index, data) -> bytes`` replaces the bytes sent for a chunk (key: a version, or
+        #: ``(base, version)`` for a delta)
         self.tamper: Optional[Callable[[int, int, memoryview], bytes]] = None
 
     async def handle(self, peer_id, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -248,6 +277,8 @@ class ChunkServer:
                     await self._have(header, writer)
                 elif op == "manifest":
                     await self._manifest(header, writer)
+                elif op == "deltas":
+                    await self._listing(writer)
                 else:
                     await self._reply(writer, error_header("bad_request", f"unknown op {str(op)[:32]!r}"))
                     return
@@ -257,28 +288,51 @@ class ChunkServer:
             if not self._peer_streams[peer]:
                 del self._peer_streams[peer]
 
-    async def _reply(self, writer, header, payload=None, version: Optional[int] = None) -> None:
+    async def _reply(self, writer, header, payload=None, version=None) -> None:
+        """``version``: the key of the object served (a version, or a delta's ``(base, version)``), for the stats."""
+        by_delta = isinstance(version, tuple)
+        name = f"{version[0]}-{version[1]}" if by_delta else version
+
         def count(n: int) -> None:
             self.stats.bytes_up += n
             if version is not None:
-                self.bytes_by_version[version] += n
+                (self.bytes_by_delta if by_delta else self.bytes_by_version)[name] += n
 
         await send_frame(writer, header, payload, timeout=self.stall_timeout, limiter=self.limiter, counter=count)
 
     def _versions(self):
         return [[vb.version, vb.complete] for vb in self.store.versions()]
 
+    def _object(self, header):
+        """The version (or, with ``b``, the delta) a request is about, or None."""
+        v, b = header.get("v"), header.get("b")
+        if type(v) is not int:
+            return None
+        if b is None:
+            return self.store.get(v)
+        if type(b) is not int or self.deltas is None:
+            return None
+        return self.deltas.get((b, v))
+
     async def _manifest(self, header, writer) -> None:
-        v = header.get("v")
-        vb = self.store.latest_complete() if v is None else self.store.get(v) if isinstance(v, int) else None
+        vb = self.store.latest_complete() if header.get("v") is None and header.get("b") is None else self._object(header)
         if vb is None:
             await self._reply(writer, error_header("unknown_version", versions=self._versions()))
             return
-        await self._reply(writer, {"ok": True, "v": vb.version, "d": vb.digest}, vb.manifest_bytes, vb.version)
+        await self._reply(writer, {"ok": True, "v": vb.version, "d": vb.digest}, vb.manifest_bytes, vb.key)
+
+    async def _listing(self, writer) -> None:
+        """What this node holds completely, for a sampler planning how to catch up (node/catchup.py)."""
+        deltas = [] if self.deltas is None else self.deltas.deltas(complete_only=True)
+        listing = {
+            "deltas": [[vb.base, vb.version, vb.total_size, vb.digest] for vb in deltas[-MAX_LISTED:]],
+            "fulls": [[vb.version, vb.total_size, vb.digest] for vb in self.store.versions() if vb.complete][-MAX_LISTED:],
+            "keyframe": self.store.pinned,
+        }
+        await self._reply(writer, {"ok": True}, msgpack.packb(listing, use_bin_type=True))
 
     async def _have(self, header, writer) -> None:
-        v = header.get("v")
-        vb = self.store.get(v) if isinstance(v, int) else None
+        vb = self._object(header)
         if vb is None:
             await self._reply(writer, error_header("unknown_version", versions=self._versions()))
             return
@@ -289,8 +343,8 @@ class ChunkServer:
         )
 
     async def _chunk(self, header, writer, requester: str = "") -> None:
-        v, digest, index = header.get("v"), header.get("d"), header.get("i")
-        vb = self.store.get(v) if isinstance(v, int) else None
+        digest, index = header.get("d"), header.get("i")
+        vb = self._object(header)
         if vb is None or (digest is not None and digest != vb.digest):
             await self._reply(writer, error_header("unknown_version", versions=self._versions()))
             return
@@ -316,12 +370,12 @@ class ChunkServer:
             excl = unpack_bits(header.get("excl"), vb.n_chunks) if header.get("excl") is not None else None
             lacking = vb.have.copy() if excl is None else (vb.have & ~excl)
             if self.rationer is not None and vb.complete:
-                self.rationer.register(vb.version, vb.n_chunks, vb.total_size)
+                self.rationer.register(vb.key, vb.n_chunks, vb.total_size)
                 if excl is None and index is not None:  # a plain request for one chunk
                     lacking[:] = False
                     lacking[index] = vb.have[index]
                 # with ``excl`` the requested index is only a preference: the rationer may substitute
-                chosen, retry_after = self.rationer.choose(vb.version, lacking, index, requester=requester or None)
+                chosen, retry_after = self.rationer.choose(vb.key, lacking, index, requester=requester or None)
                 if chosen is None:
                     self.stats.rationed += 1
                     code = "rationed" if lacking.any() else "missing"
@@ -339,13 +393,13 @@ class ChunkServer:
                 return
             data = vb.chunk_view(index)
             if self.tamper is not None:
-                data = self.tamper(vb.version, index, data)
-            await self._reply(writer, {"ok": True, "v": vb.version, "i": index, "bm": vb.bitmap()}, data, vb.version)
+                data = self.tamper(vb.key, index, data)
+            await self._reply(writer, {"ok": True, "v": vb.version, "i": index, "bm": vb.bitmap()}, data, vb.key)
             self.stats.chunks_served += 1
         except BaseException:
             self.stats.failed += 1
             if chosen is not None and self.rationer is not None:
-                self.rationer.unserve(vb.version, chosen, requester or None)
+                self.rationer.unserve(vb.key, chosen, requester or None)
             raise
         finally:
             self._slots.release()

@@ -110,6 +110,17 @@ class SwarmConfig:
     max_chunk_streams_per_peer: int = option(8, "concurrent weight streams from one peer")
     max_manifest_bytes: int = option(16 * 1024**2, "largest weight manifest accepted", parse=parse_size,
                                      metavar="BYTES", role="sampler")
+    # --- weight deltas (node/delta_publish.py, node/catchup.py) -----------------------------------------------
+    weight_deltas: bool = option(True, "learner: publish each version also as a lossless delta from the previous one "
+                                       "and, between keyframes, from the last keyframe; sampler: reach a new version "
+                                       "by the cheapest of a chain of deltas, a cumulative delta or the full version "
+                                       "(off: full versions only)")
+    keyframe_every: int = option(10, "a keyframe (the base of the cumulative deltas) every N published versions; the "
+                                     "first version is one", role="learner")
+    delta_keep_bytes: int = option(1024**3, "bytes of complete deltas kept for peers that are catching up (those into "
+                                            "the newest version are always kept)", parse=parse_size, metavar="BYTES")
+    delta_chunk_size: int = option(4 * 1024**2, "bytes of the XOR stream per delta chunk, before compression",
+                                   parse=parse_size, metavar="BYTES", role="learner")
 
     # ------------------------------------------------------------------------------------------------------------
     @property

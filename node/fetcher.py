@@ -126,6 +126,8 @@ class VersionFetcher:
         if learner is not None:
             self.learner = Source(peer_id=learner[0], is_learner=True, maddrs=list(learner[1]))
         self.peers: Dict[str, Source] = {}
+        # what requests name: the version, or (a delta, node/delta_store.py) also its base version
+        self._object = {"v": vb.version} if vb.base is None else {"v": vb.version, "b": vb.base}
         self._inflight = np.zeros(vb.n_chunks, dtype=bool)
         self._total_inflight = 0
         self._tasks: Set[asyncio.Task] = set()
@@ -245,7 +247,7 @@ class VersionFetcher:
         src.inflight += 1
         self._total_inflight += 1
         self._inflight[index] = True
-        header = {"op": "chunk", "v": self.vb.version, "d": self.vb.digest, "i": index, "excl": None}
+        header = {"op": "chunk", **self._object, "d": self.vb.digest, "i": index, "excl": None}
         if src.is_learner:  # what we hold or are fetching elsewhere (not the chunk asked for here)
             busy = self.vb.have | self._inflight
             busy[index] = self.vb.have[index]
@@ -352,7 +354,8 @@ class VersionFetcher:
             self.stats.bytes_down += plen
             if hasher.digest() != vb.manifest.chunk_hash(index):  # the SHA-256 in the signed manifest
                 self.stats.bad_chunks += 1
-                self._bad_peer(src, f"chunk {index} of version {vb.version} does not match its hash")
+                what = f"version {vb.version}" if vb.base is None else f"delta {vb.base}->{vb.version}"
+                self._bad_peer(src, f"chunk {index} of {what} does not match its hash")
                 return False
             src.failures = 0
             self._accept_chunk(src, index)
@@ -404,7 +407,7 @@ class VersionFetcher:
             await self._ensure_dialed(src)
             reader, writer = await open_stream(self.node.p2p, src.peer_id, self.proto, timeout=cfg.connect_timeout)
             try:
-                await send_frame(writer, {"op": "have", "v": self.vb.version}, timeout=cfg.rpc_timeout)
+                await send_frame(writer, {"op": "have", **self._object}, timeout=cfg.rpc_timeout)
                 header, _ = await recv_header(reader, timeout=cfg.rpc_timeout, max_payload=0)
             finally:
                 await close_writer(writer)

@@ -35,6 +35,8 @@ from protocol.rollout import read_sender
 
 from .chunk_server import ChunkRationer, ChunkServer
 from .config import SwarmConfig
+from .delta_publish import DeltaPublisher
+from .delta_store import DeltaStore
 from .dht import SwarmNode, join_command
 from .fairness import InboxShares, KeyHistory, PushStreams
 from .loop import snapshot, wait_event
@@ -90,11 +92,15 @@ class LearnerSwarm:
         )
         self.loop = self.node.loop
         self.store = WeightStore(None, keep=config.keep_versions)
+        self.deltas = DeltaStore(None, keep_bytes=config.delta_keep_bytes)
+        self.delta_publisher = DeltaPublisher(self.identity, keyframe_every=config.keyframe_every,
+                                              chunk_size=config.delta_chunk_size) if config.weight_deltas else None
         self.limiter = TokenBucket(config.upload_limit)
         self.rationer = ChunkRationer(config.ration_interval, config.upload_limit) if config.ration else None
         self.chunk_server = ChunkServer(
             self.store, self.limiter, max_uploads=config.max_uploads, rpc_timeout=config.rpc_timeout,
-            stall_timeout=config.stall_timeout, rationer=self.rationer, keepalive=2 * config.rpc_timeout,
+            stall_timeout=config.stall_timeout, rationer=self.rationer, deltas=self.deltas,
+            keepalive=2 * config.rpc_timeout,
             max_streams_per_peer=config.max_chunk_streams_per_peer,
             requests_per_peer=config.chunk_requests_per_peer,
         )
@@ -223,14 +229,24 @@ class LearnerSwarm:
             raise ValueError(f"manifest is for version {manifest.version}, not {version}")
         if manifest.run_id != self.config.run_id:
             raise ValueError(f"manifest is for run {manifest.run_id!r}, not {self.config.run_id!r}")
+        publisher = self.delta_publisher  # the deltas into this version (node/delta_publish.py), encoded here
+        keyframe, deltas = publisher.encode(manifest, buffer) if publisher is not None else (False, [])
 
         async def _publish():
             self.store.add_complete(manifest, manifest_bytes, buffer)
+            for d in deltas:
+                self.deltas.add_delta(d.manifest, d.manifest_bytes, d.chunks)
+            if keyframe:
+                self.store.pin(version)
             if self.version is None or version >= self.version:
                 self.version = version
             await self._store_heartbeat()
 
         self.loop.run(_publish(), self.config.call_timeout)
+        if publisher is not None:
+            for key in publisher.commit(manifest, buffer, keyframe, deltas):
+                self.loop.call_soon(self.deltas.drop, key)
+            self.counters["delta_encode_ms"] += int(1000 * publisher.last_encode_s)
         self.counters["published"] += 1
 
     def publish_state(
@@ -395,8 +411,12 @@ class LearnerSwarm:
             "bytes_uploaded": self.limiter.total_bytes,
             "chunks_served": s.chunks_served,
             "upload_by_version": snapshot(self.chunk_server.bytes_by_version),
+            "upload_by_delta": snapshot(self.chunk_server.bytes_by_delta),
+            "deltas": [[vb.base, vb.version, vb.total_size] for vb in self.deltas.deltas(complete_only=True)],
+            "keyframe": self.store.pinned,
             "busy_answers": s.busy,
             "rationed_answers": s.rationed,
+            "hoard_waivers": self.rationer.hoard_waivers if self.rationer is not None else 0,
             "chunk_requests_limited": s.limited,
             **self.shares.snapshot(),
             **self.streams.snapshot(),
@@ -421,6 +441,7 @@ class LearnerSwarm:
         self._validator_pool.shutdown(wait=False, cancel_futures=True)
         self.inbox.close()
         self.store.close()
+        self.deltas.close()
 
     def __enter__(self) -> "LearnerSwarm":
         return self.start()

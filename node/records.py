@@ -3,6 +3,7 @@
 * ``gepo/<run>/learner`` - :class:`~protocol.records.LearnerHeartbeat`, one subkey per learner key.
 * ``gepo/<run>/have/<version>/<shard>`` - :class:`~protocol.records.ChunkHave`: which chunks of a version a peer
   holds and serves (how peers find each other for a version); ``HAVE_SHARDS`` keys per version spread the subkeys.
+  ``gepo/<run>/have/<base>-<version>/<shard>``: the same for the delta ``base -> version``.
 * ``gepo/<run>/samplers/<shard>`` - :class:`~protocol.records.SamplerStatus`: a sampler's status line.
 
 Every record is stored under the owner's subkey ``ed25519:<hex>`` and signed by
@@ -76,24 +77,25 @@ async def read_heartbeats(node, run_id: str, learner: Optional[bytes] = None) ->
 
 async def store_have(
     node, identity: Identity, *, run_id: str, peer_id: str, version: int, n_chunks: int, bitmap: bytes,
-    maddrs: Sequence[str], ttl: float,
+    maddrs: Sequence[str], ttl: float, base: Optional[int] = None,
 ) -> bool:
+    """``base``: the record is about the delta ``base -> version`` (its own DHT keys), not the full version."""
     rec = ChunkHave(
         run_id=run_id, peer_id=peer_id, version=version, n_chunks=n_chunks, bitmap=bitmap,
         multiaddrs=tuple(trim_maddrs(maddrs)), time=float(get_dht_time()),
-        shard=shard_for(identity.public_key, HAVE_SHARDS),
+        shard=shard_for(identity.public_key, HAVE_SHARDS), base=base,
     )
     return await store_record(node, identity, rec, ttl)
 
 
-async def read_haves(node, run_id: str, version: int) -> Dict[bytes, ChunkHave]:
+async def read_haves(node, run_id: str, version: int, base: Optional[int] = None) -> Dict[bytes, ChunkHave]:
     values = await asyncio.gather(
-        *(node.dht_get(ChunkHave.key_for(run_id, version, s), latest=True) for s in range(HAVE_SHARDS))
+        *(node.dht_get(ChunkHave.key_for(run_id, version, s, base), latest=True) for s in range(HAVE_SHARDS))
     )
     out: Dict[bytes, ChunkHave] = {}
     for value in values:
         for owner, rec in records_from_get(value, ChunkHave).items():
-            if rec.version == version:
+            if rec.version == version and rec.base == base:
                 out[owner] = rec
     return out
 

@@ -32,10 +32,13 @@ from hivemind.p2p import PeerID
 
 from protocol.errors import ProtocolError
 from protocol.identity import Identity, parse_public_key, format_public_key
+from protocol.delta import decode_delta_manifest
 from protocol.manifest import WeightManifest, decode_manifest
 from protocol.records import Ed25519OwnerValidator, LearnerHeartbeat
 
+from .catchup import CatchUp
 from .chunk_server import ChunkServer
+from .delta_store import DeltaLayout, DeltaStore
 from .config import SwarmConfig
 from .dht import SwarmNode, tcp_port_open
 from .loop import snapshot, wait_event
@@ -44,7 +47,7 @@ from .journal import AnswerLog
 from .outbox import Outbox, OutboxFull
 from .ratelimit import TokenBucket
 from .records import read_haves, read_heartbeats, store_have, store_status
-from .weights_store import WeightStore, unpack_bits
+from .weights_store import VersionBuffer, WeightStore, unpack_bits
 from .wire import (
     RemoteError,
     WireError,
@@ -64,6 +67,7 @@ TRUST_FILE = "trusted_learner.txt"
 PUSH_BATCH = 32
 STATUS_MIN_INTERVAL = 5.0  # seconds between status records when report() changes them (else every ttl / 3)
 SUPERSEDED_STALL_S = 3.0  # seconds without progress before abandoning a download the learner no longer serves
+MAX_ANNOUNCED_DELTAS = 16  # the deltas (into the newest versions) whose have-records a sampler keeps alive
 REJOIN_MIN, REJOIN_MAX = 1.0, 30.0  # back-off between re-dials of the bootstrap peers while the learner is unreachable
 
 
@@ -113,12 +117,15 @@ class SamplerSwarm:
         )
         self.loop = self.node.loop
         self.store = WeightStore(config.weights_dir, keep=config.keep_versions)
+        self.deltas = DeltaStore(os.path.join(config.weights_dir, "deltas") if config.weights_dir else None,
+                                 keep_bytes=config.delta_keep_bytes)
+        self.catchup = CatchUp(self)  # how a new version is reached: full, or deltas (node/catchup.py)
         self.outbox = Outbox(config.outbox_dir, config.max_outbox_items, config.max_outbox_bytes)
         self.answers = AnswerLog(config.state_dir, identity.public_key)  # for node.audit (node/journal.py)
         self.limiter = TokenBucket(config.upload_limit)
         self.chunk_server = ChunkServer(
             self.store, self.limiter, max_uploads=config.max_uploads, rpc_timeout=config.rpc_timeout,
-            stall_timeout=config.stall_timeout, keepalive=2 * config.rpc_timeout,
+            stall_timeout=config.stall_timeout, keepalive=2 * config.rpc_timeout, deltas=self.deltas,
             max_streams_per_peer=config.max_chunk_streams_per_peer, requests_per_peer=config.chunk_requests_per_peer,
         )
         self.serving = config.swarming and not config.client_mode
@@ -249,6 +256,7 @@ class SamplerSwarm:
             return
         self._store_loaded = True
         self.store.load(lambda data: decode_manifest(data, learner=self.trusted_key))
+        self.deltas.load(lambda data: DeltaLayout(decode_delta_manifest(data, learner=self.trusted_key)))
         latest = self.store.latest_version()
         if latest is not None:
             self._set_ready(latest, announce=False)
@@ -494,25 +502,26 @@ class SamplerSwarm:
 
     async def _fetch(self, version: int, digest: bytes) -> None:
         t0 = time.monotonic()
+        bytes0 = self.fetch_stats.bytes_down
         try:
-            data = await self._get_manifest(version, digest)
-            manifest = decode_manifest(data, learner=self.trusted_key, expected_digest=digest)
-            if manifest.run_id != self.config.run_id or manifest.version != version:
-                raise ValueError(f"manifest is for run {manifest.run_id!r} version {manifest.version}")
-            vb = self.store.open_download(manifest, data)
-            vb.add_listener(lambda _i: self._announce_wake.set())
-            self._announce_wake.set()
-            if not vb.have.all():
-                fetcher = VersionFetcher(
-                    node=self.node, proto=proto_name(self.config.run_id, "weights"), vb=vb,
-                    learner=self._learner_peer(), discover=lambda: self._discover(version), config=self.config,
-                    blacklist=self.blacklist, stats=self.fetch_stats, self_peer_id=self.peer_id,
-                )
-                self._fetcher = fetcher
-                await fetcher.run()
-            self.store.finalize(version)
+            data = await self.get_manifest(version, digest)
+            manifest = self._decode_manifest(data, version, digest)
+            plan = await self.catchup.plan(manifest, digest) if self.config.weight_deltas else None
+            if plan is not None and plan.uses_deltas:
+                vb = await self.catchup.run(plan, manifest, data)
+                self.store.finalize(version)
+            else:
+                vb = await self._download(manifest, data)
+            if self.catchup.keyframe is not None:
+                self.store.pin(self.catchup.keyframe)  # kept for deltas that start from it (if held)
+            self.deltas.discard_partial(version)
             self.version_times[version] = time.monotonic() - t0
-            logger.info("version %d ready (%d bytes, %.2f s)", version, vb.total_size, time.monotonic() - t0)
+            if plan is not None:
+                self.catchup.log[version] = {
+                    "plan": [s.as_list() for s in plan.steps], "planned_bytes": plan.bytes,
+                    "fetched_bytes": self.fetch_stats.bytes_down - bytes0, "seconds": round(time.monotonic() - t0, 3)}
+            logger.info("version %d ready (%d bytes, %.2f s, %d bytes fetched)", version, vb.total_size,
+                        time.monotonic() - t0, self.fetch_stats.bytes_down - bytes0)
             self._set_ready(version)
         except asyncio.CancelledError:
             raise
@@ -524,7 +533,57 @@ class SamplerSwarm:
             self._fetcher = None
             self._manager_wake.set()
 
-    async def _get_manifest(self, version: int, digest: bytes) -> bytes:
+    def _decode_manifest(self, data: bytes, version: int, digest: bytes) -> WeightManifest:
+        manifest = decode_manifest(data, learner=self.trusted_key, expected_digest=digest)
+        if manifest.run_id != self.config.run_id or manifest.version != version:
+            raise ValueError(f"manifest is for run {manifest.run_id!r} version {manifest.version}")
+        return manifest
+
+    async def download_version(self, version: int, digest: bytes) -> VersionBuffer:
+        """Fetch the full version whose signed manifest has SHA-256 ``digest`` (resuming a partial one on disk)."""
+        data = await self.get_manifest(version, digest)
+        return await self._download(self._decode_manifest(data, version, digest), data)
+
+    async def _download(self, manifest: WeightManifest, data: bytes) -> VersionBuffer:
+        version = manifest.version
+        vb = self.store.open_download(manifest, data)
+        vb.add_listener(lambda _i: self._announce_wake.set())
+        self._announce_wake.set()
+        if not vb.have.all():
+            fetcher = VersionFetcher(
+                node=self.node, proto=proto_name(self.config.run_id, "weights"), vb=vb,
+                learner=self._learner_peer(), discover=lambda: self.discover(version), config=self.config,
+                blacklist=self.blacklist, stats=self.fetch_stats, self_peer_id=self.peer_id,
+            )
+            await self.run_fetcher(fetcher)
+        return self.store.finalize(version)
+
+    async def run_fetcher(self, fetcher: VersionFetcher, stall: Optional[float] = None) -> VersionBuffer:
+        """Run a download (the manager watches ``self._fetcher``'s progress); with ``stall``, give up with
+        TimeoutError after that many seconds without a verified chunk."""
+        self._fetcher = fetcher
+        if stall is None:
+            return await fetcher.run()
+        task = asyncio.ensure_future(fetcher.run())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=1.0)
+                if done:
+                    return task.result()
+                if time.monotonic() - fetcher.last_progress > stall:
+                    raise TimeoutError(f"no progress for {stall:.0f} s downloading {fetcher.vb.key}")
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    def wake_announcer(self) -> None:
+        if self._announce_wake is not None:
+            self._announce_wake.set()
+
+    async def get_manifest(self, version: int, digest: bytes, base: Optional[int] = None) -> bytes:
+        """The signed manifest of ``version`` (with ``base``: of the delta ``base -> version``) whose SHA-256 is
+        ``digest``, from the learner or a peer that holds it."""
         cfg = self.config
         sources: List[Tuple[PeerID, List[str]]] = []
         learner = self._learner_peer()
@@ -534,7 +593,7 @@ class SamplerSwarm:
         attempt = 0
         while time.monotonic() < deadline:
             if attempt > 0 or not sources:
-                found = await self._discover(version)
+                found = await self.discover(version, base)
                 sources = ([learner] if learner else []) + [(p, m) for p, m, _ in found if p not in self.blacklist]
             for peer_id, maddrs in sources:
                 try:
@@ -542,7 +601,7 @@ class SamplerSwarm:
                     reader, writer = await open_stream(self.node.p2p, peer_id, proto_name(cfg.run_id, "weights"),
                                                        timeout=cfg.connect_timeout)
                     try:
-                        await send_frame(writer, {"op": "manifest", "v": version}, timeout=cfg.rpc_timeout)
+                        await send_frame(writer, {"op": "manifest", "v": version, "b": base}, timeout=cfg.rpc_timeout)
                         header, data = await recv_frame(reader, timeout=cfg.rpc_timeout,
                                                         max_payload=cfg.max_manifest_bytes)
                     finally:
@@ -553,10 +612,12 @@ class SamplerSwarm:
                     logger.debug("manifest %d from %s failed: %s", version, peer_id, e)
             attempt += 1
             await asyncio.sleep(min(5.0, 0.5 * attempt))
-        raise TimeoutError(f"could not get the manifest of version {version}")
+        what = f"version {version}" if base is None else f"delta {base}->{version}"
+        raise TimeoutError(f"could not get the manifest of {what}")
 
-    async def _discover(self, version: int):
-        haves = await read_haves(self.node, self.config.run_id, version)
+    async def discover(self, version: int, base: Optional[int] = None):
+        """Peers announcing chunks of ``version`` (with ``base``: of the delta ``base -> version``)."""
+        haves = await read_haves(self.node, self.config.run_id, version, base)
         out = []
         for owner, rec in haves.items():
             if owner == self.identity.public_key:
@@ -598,18 +659,18 @@ class SamplerSwarm:
             now = time.monotonic()
             try:
                 if self.serving:
-                    for vb in self.store.versions():
+                    for vb in self.store.versions() + self.deltas.deltas()[-MAX_ANNOUNCED_DELTAS:]:
                         n = vb.n_have  # announced from the start (n = 0): peers find each other at once
-                        prev = last_sent.get(vb.version)
+                        prev = last_sent.get(vb.key)
                         if prev is None or now - prev[1] >= cfg.peer_record_ttl / 3 or (
                             prev[0] != n and now - prev[1] >= 1.0
                         ):
                             await store_have(
                                 self.node, self.identity, run_id=cfg.run_id, peer_id=self.peer_id,
                                 version=vb.version, n_chunks=vb.n_chunks, bitmap=vb.bitmap(), maddrs=self.maddrs,
-                                ttl=cfg.peer_record_ttl,
+                                ttl=cfg.peer_record_ttl, base=vb.base,
                             )
-                            last_sent[vb.version] = (n, now)
+                            last_sent[vb.key] = (n, now)
                 if now - last_status >= cfg.peer_record_ttl / 3 or (
                     self._status_dirty and now - last_status >= STATUS_MIN_INTERVAL
                 ):
@@ -701,6 +762,9 @@ class SamplerSwarm:
             "bytes_uploaded": self.limiter.total_bytes,
             "chunks_served": self.chunk_server.stats.chunks_served,
             "version_times": snapshot(self.version_times),
+            "catchup": snapshot(self.catchup.log),  # version -> plan, planned_bytes, fetched_bytes (node/catchup.py)
+            "deltas_held": [[vb.base, vb.version, vb.n_have, vb.n_chunks] for vb in self.deltas.deltas()],
+            "delta_bytes_uploaded": sum(self.chunk_server.bytes_by_delta.values()),
         }
 
     def shutdown(self) -> None:
@@ -722,6 +786,7 @@ class SamplerSwarm:
         self.node.shutdown()
         self.store.close()
         self.answers.close()
+        self.deltas.close()
 
     def __enter__(self) -> "SamplerSwarm":
         return self.start()

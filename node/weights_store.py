@@ -20,7 +20,7 @@ import logging
 import mmap
 import os
 import threading
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -54,10 +54,12 @@ class VersionBuffer:
         path: Optional[str] = None,
         mm: Optional[mmap.mmap] = None,
     ):
-        self.manifest = manifest
+        self.manifest = manifest  # a WeightManifest, or a node.delta_store.DeltaLayout (same chunk interface)
         self.manifest_bytes = bytes(manifest_bytes)
         self.digest = manifest_digest(self.manifest_bytes)
         self.version = manifest.version
+        self.base: Optional[int] = getattr(manifest, "base_version", None)  # a delta's base version
+        self.key = self.version if self.base is None else (self.base, self.version)
         self.n_chunks = manifest.n_chunks
         self.total_size = manifest.total_size
         self.buffer = memoryview(buffer).cast("B") if buffer is not None else memoryview(bytearray(0))
@@ -74,6 +76,10 @@ class VersionBuffer:
 
     def bitmap(self) -> bytes:
         return pack_bits(self.have)
+
+    def held_bytes(self) -> int:
+        """Bytes of the verified chunks (what a resumed download no longer needs)."""
+        return sum(e - s for s, e in map(self.manifest.chunk_range, np.flatnonzero(self.have).tolist()))
 
     def chunk_view(self, index: int) -> memoryview:
         start, end = self.manifest.chunk_range(index)
@@ -151,15 +157,35 @@ class WeightStore:
     def __init__(self, directory: Optional[str] = None, keep: int = 2):
         self.directory = directory
         self.keep = max(1, int(keep))
-        self._versions: Dict[int, VersionBuffer] = {}
+        self._versions: Dict[Any, VersionBuffer] = {}
+        self.pinned: Optional[int] = None  # a version kept besides the newest `keep` (the keyframe deltas start from)
         self._lock = threading.RLock()
         self._zombies: List[VersionBuffer] = []
         if directory:
             os.makedirs(directory, exist_ok=True)
 
-    # --- paths ----------------------------------------------------------------------------------------------------
-    def _path(self, version: int, ext: str) -> str:
-        return os.path.join(self.directory, f"v{version:012d}.{ext}")
+    # --- keys and paths (node.delta_store.DeltaStore names its objects differently) -------------------------------
+    @staticmethod
+    def _key(manifest) -> Any:
+        return manifest.version
+
+    @staticmethod
+    def _name(key) -> str:
+        return f"v{key:012d}"
+
+    @staticmethod
+    def _parse_name(stem: str) -> Any:
+        """The key a file name stem names (``None``: not one of ours)."""
+        return int(stem[1:]) if stem.startswith("v") and stem[1:].isdigit() else None
+
+    def _path(self, key, ext: str) -> str:
+        return os.path.join(self.directory, f"{self._name(key)}.{ext}")
+
+    def pin(self, version: Optional[int]) -> None:
+        """Keep ``version`` (when complete) besides the newest ``keep``: the keyframe others' deltas start from."""
+        with self._lock:
+            self.pinned = version
+            self._prune()
 
     # --- queries --------------------------------------------------------------------------------------------------
     def get(self, version: int) -> Optional[VersionBuffer]:
@@ -187,8 +213,8 @@ class WeightStore:
             raise ValueError(f"buffer has {len(mv)} bytes, manifest says {manifest.total_size}")
         vb = VersionBuffer(manifest, manifest_bytes, mv, complete=True)
         with self._lock:
-            old = self._versions.get(manifest.version)
-            self._versions[manifest.version] = vb
+            old = self._versions.get(vb.key)
+            self._versions[vb.key] = vb
             if old is not None and old is not vb:
                 self._retire(old)
             self._prune()
@@ -198,20 +224,21 @@ class WeightStore:
     def open_download(self, manifest: WeightManifest, manifest_bytes: bytes) -> VersionBuffer:
         """Preallocate (or reopen, resuming) the buffer for ``manifest``'s version."""
         with self._lock:
-            vb = self._versions.get(manifest.version)
+            key = self._key(manifest)
+            vb = self._versions.get(key)
             if vb is not None and vb.digest == manifest_digest(manifest_bytes):
                 return vb
             if vb is not None:  # same version number, other manifest: start over
-                self._drop(vb.version)
+                self._drop(key)
             vb = self._open(manifest, manifest_bytes, complete=False, verify_existing=False)
-            self._versions[manifest.version] = vb
+            self._versions[key] = vb
             return vb
 
     def _open(self, manifest: WeightManifest, manifest_bytes: bytes, *, complete: bool, verify_existing: bool
               ) -> VersionBuffer:
         if not self.directory:
             return VersionBuffer(manifest, manifest_bytes, bytearray(manifest.total_size), complete=complete)
-        v = manifest.version
+        v = self._key(manifest)
         mpath = self._path(v, "manifest")
         if not os.path.exists(mpath) or _read(mpath) != bytes(manifest_bytes):
             _atomic_write(mpath, bytes(manifest_bytes))
@@ -239,7 +266,7 @@ class WeightStore:
                 _atomic_write(self._path(v, "complete"), vb.digest)
         return vb
 
-    def flush(self, version: int) -> None:
+    def flush(self, version) -> None:
         """Write a version's mapped pages to disk (slow for big versions: call from a worker thread)."""
         vb = self.get(version)
         if vb is not None and vb._mm is not None:  # noqa: SLF001
@@ -248,7 +275,7 @@ class WeightStore:
             except (ValueError, OSError):  # closed meanwhile
                 pass
 
-    def finalize(self, version: int) -> VersionBuffer:
+    def finalize(self, version) -> VersionBuffer:
         """All chunks verified: write the completion marker, prune older versions. The data pages are left to the
         kernel's write-back (no msync on the hot path): :meth:`load` re-verifies every version anyway, so a power
         loss can cost a re-download but never a corrupt version."""
@@ -269,17 +296,16 @@ class WeightStore:
             return []
         found = []
         for name in sorted(os.listdir(self.directory)):
-            if not (name.startswith("v") and name.endswith(".manifest")):
+            if not name.endswith(".manifest"):
                 continue
-            try:
-                version = int(name[1:-len(".manifest")])
-            except ValueError:
+            version = self._parse_name(name[:-len(".manifest")])
+            if version is None:
                 continue
             data = _read(os.path.join(self.directory, name))
             try:
                 manifest = decode(data)
-                if manifest.version != version:
-                    raise ValueError(f"file name says version {version}, manifest says {manifest.version}")
+                if self._key(manifest) != version:
+                    raise ValueError(f"file name says {version}, manifest says {self._key(manifest)}")
             except Exception as e:
                 logger.warning("discarding stored version %s: %s", version, e)
                 self._delete_files(version)
@@ -288,8 +314,8 @@ class WeightStore:
             with self._lock:
                 self._versions[version] = vb
             found.append(vb)
-            logger.info("found stored version %d: %d/%d chunks%s", version, vb.n_have, vb.n_chunks,
-                        " (complete)" if vb.complete else "")
+            logger.info("found stored %s %s: %d/%d chunks%s", "version" if vb.base is None else "delta", version,
+                        vb.n_have, vb.n_chunks, " (complete)" if vb.complete else "")
         with self._lock:
             self._prune()
         return found
@@ -297,13 +323,13 @@ class WeightStore:
     # --- housekeeping ---------------------------------------------------------------------------------------------
     def _prune(self) -> None:
         done = sorted(v for v, vb in self._versions.items() if vb.complete)
-        keep_done = set(done[-self.keep:])
+        keep_done = set(done[-self.keep:]) | {self.pinned}
         newest = done[-1] if done else None
         for v in list(self._versions):
             vb = self._versions[v]
             if vb.complete and v not in keep_done:
                 self._drop(v)
-            elif not vb.complete and newest is not None and v < newest:
+            elif not vb.complete and newest is not None and v < newest and v != self.pinned:
                 self._drop(v)
         self._zombies = [z for z in self._zombies if not z.close()]
 

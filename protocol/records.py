@@ -217,7 +217,10 @@ class SamplerStatus:
 
 @dataclasses.dataclass(frozen=True)
 class ChunkHave:
-    """Which chunks of weight version ``version`` a peer has and serves. Bit i (LSB-first) = chunk i."""
+    """Which chunks of weight version ``version`` a peer has and serves. Bit i (LSB-first) = chunk i.
+
+    With ``base`` set, the chunks are those of the delta ``base -> version`` (protocol.delta), announced under their
+    own key; ``base`` is omitted from the encoding when None, so a full-version record is what older readers accept."""
 
     KIND: ClassVar[str] = "have"
     run_id: str
@@ -228,18 +231,20 @@ class ChunkHave:
     multiaddrs: Tuple[str, ...] = ()
     time: float = 0.0
     shard: int = 0
+    base: Optional[int] = None
 
     def __post_init__(self):
         object.__setattr__(self, "multiaddrs", tuple(self.multiaddrs))
         object.__setattr__(self, "bitmap", bytes(self.bitmap))
 
     @staticmethod
-    def key_for(run_id: str, version: int, shard: int = 0) -> str:
-        return f"{KEY_PREFIX}/{run_id}/have/{version}/{shard}"
+    def key_for(run_id: str, version: int, shard: int = 0, base: Optional[int] = None) -> str:
+        what = version if base is None else f"{base}-{version}"
+        return f"{KEY_PREFIX}/{run_id}/have/{what}/{shard}"
 
     @property
     def dht_key(self) -> str:
-        return self.key_for(self.run_id, self.version, self.shard)
+        return self.key_for(self.run_id, self.version, self.shard, self.base)
 
     @classmethod
     def from_indices(cls, *, run_id: str, peer_id: str, version: int, n_chunks: int, have, **kw) -> "ChunkHave":
@@ -271,6 +276,7 @@ class ChunkHave:
             "ma": list(self.multiaddrs),
             "t": float(self.time),
             "sh": self.shard,
+            **({} if self.base is None else {"b": self.base}),
         }
 
     @classmethod
@@ -281,18 +287,24 @@ class ChunkHave:
             raise ProtocolError(Reason.SHAPE_MISMATCH, f"bitmap of {len(bm)} bytes for {n} chunks")
         if n % 8 and bm[-1] >> (n % 8):
             raise ProtocolError(Reason.MALFORMED, "bitmap has bits set beyond n_chunks")
+        version = req_int(m["v"], "v")
+        base = req_int(m["b"], "b") if "b" in m else None
+        if base is not None and base >= version:
+            raise ProtocolError(Reason.MALFORMED, f"delta base {base} is not before version {version}")
         return cls(
             run_id=run_id,
             peer_id=req_str(m["peer"], "peer", MAX_PEER_ID_LEN, 1),
-            version=req_int(m["v"], "v"),
+            version=version,
             n_chunks=n,
             bitmap=bm,
             multiaddrs=_req_multiaddrs(m["ma"]),
             time=req_float(m["t"], "t"),
             shard=req_int(m["sh"], "sh", 0, MAX_SHARDS - 1),
+            base=base,
         )
 
     _KEYS: ClassVar[frozenset] = frozenset({"peer", "v", "n", "bm", "ma", "t", "sh"})
+    _OPTIONAL: ClassVar[frozenset] = frozenset({"b"})
 
 
 Record = Union[LearnerHeartbeat, SamplerStatus, ChunkHave]

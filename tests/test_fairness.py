@@ -18,7 +18,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from node.chunk_server import ChunkRationer
+from node.chunk_server import HOARD_GRACE_S, ChunkRationer
 from node.fairness import InboxShares, KeyHistory, PeerRateLimiter, PushStreams
 from node.sampler_stats import SamplerStats, fold_sampler_stats
 from tests.swarm_helpers.procs import NodeProc, stop_all, wait_until
@@ -111,7 +111,9 @@ def test_rationer_serves_what_a_hoarder_took_without_waiting():
         ask[i] = True
         assert r.choose(1, ask, i, now=0.0, requester="thief") == (i, 0.0)
     honest = np.ones(16, dtype=bool)
-    got = [r.choose(1, honest, None, now=1.0, requester="honest")[0] for _ in range(16)]
+    # within the grace a hoarder gets to pass its copies on, the answer is "rationed, retry when the grace ends"
+    assert r.choose(1, honest, None, now=1.0, requester="honest") == (None, HOARD_GRACE_S - 1.0)
+    got = [r.choose(1, honest, None, now=HOARD_GRACE_S, requester="honest")[0] for _ in range(16)]
     assert sorted(got) == list(range(16)) and r.hoard_waivers == 16
     # two honest peers that split a version between them are not hoarders: the second copy waits as before
     r2 = ChunkRationer(interval=60.0, upload_limit=None)

@@ -43,6 +43,21 @@ def synthetic_weights(version: int, size: int) -> bytes:
     return np.random.default_rng(version).bytes(size)
 
 
+def evolving_weights(version: int, size: int, step: float = 0.01, hot: float = 0.02) -> bytes:
+    """Version ``version`` of a slowly changing bf16 buffer, as consecutive RL versions are (few elements change,
+    mostly the same ones): version 1 is random; each later version adds 1 to the bits of ``step`` x n elements drawn
+    from a fixed ``hot`` x n subset. Deterministic: the tests compute the same bytes."""
+    import numpy as np
+
+    n = size // 2
+    x = np.random.default_rng(0).integers(0, 1 << 16, n, dtype=np.uint16)
+    hot_idx = np.random.default_rng(1).choice(n, max(1, int(n * hot)), replace=False)
+    for w in range(2, version + 1):
+        idx = np.random.default_rng(w).choice(hot_idx, min(len(hot_idx), max(1, int(n * step))), replace=False)
+        x[idx] += np.uint16(1)
+    return x.tobytes()
+
+
 def overrides(pairs) -> dict:
     """``--set name=value`` pairs as SwarmConfig fields, each value converted to its field's default's type."""
     from node.config import SwarmConfig
@@ -134,9 +149,11 @@ def run_learner(a: argparse.Namespace) -> None:
             c = cmd["cmd"]
             if c == "publish":
                 v, size = cmd["v"], cmd["size"]
-                data = synthetic_weights(v, size)
+                evolve = cmd.get("evolve")  # {step, hot}: versions that differ in few elements (weight deltas)
+                data = synthetic_weights(v, size) if evolve is None else evolving_weights(v, size, **evolve)
+                tensor = RawTensor("uint8", (size,), data) if evolve is None else RawTensor("bfloat16", (size // 2,), data)
                 t0 = time.time()
-                swarm.publish_state(v, {"w": RawTensor("uint8", (size,), data)}, chunk_size=cmd.get("chunk", 1 << 20))
+                swarm.publish_state(v, {"w": tensor}, chunk_size=cmd.get("chunk", 1 << 20))
                 emit(event="publish", v=v, sha=hashlib.sha256(data).hexdigest(), t0=t0)
             elif c == "stats":
                 with taking:
@@ -153,8 +170,10 @@ def run_sampler(a: argparse.Namespace) -> None:
     from protocol.rollout import RolloutGroup, encode_group
 
     swarm = SamplerSwarm(make_config(a, client_mode=a.client_mode), keep_trying=a.keep_trying)
-    if a.evil:
-        def tamper(version: int, index: int, data) -> bytes:
+    if a.evil or a.evil_deltas:
+        def tamper(key, index: int, data) -> bytes:
+            if a.evil_deltas and not isinstance(key, tuple):  # a full version: served honestly
+                return data
             out = bytearray(data)
             out[len(out) // 2] ^= 0xFF
             return bytes(out)
@@ -232,6 +251,7 @@ def main() -> None:
     p.add_argument("--no-swarming", action="store_true")
     p.add_argument("--client-mode", action="store_true")
     p.add_argument("--evil", action="store_true", help="serve corrupted chunks")
+    p.add_argument("--evil-deltas", action="store_true", help="serve corrupted delta chunks (full versions honestly)")
     p.add_argument("--keep-trying", action="store_true", help="start and wait even if the learner is down")
     p.add_argument("--take-rate", type=float, default=0.0, help="learner: groups/s the trainer side takes (0: all)")
     p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="other SwarmConfig fields")

@@ -7,6 +7,7 @@ like every process of this project, by its PID (SIGTERM: a graceful shutdown, th
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections import Counter
@@ -21,11 +22,13 @@ Pid = Tuple[int, float]  # (pid, creation time): names one process even if the P
 
 
 class NodeProc(JsonProc):
-    def __init__(self, args: List[str], log_path: Path, netns: Optional[str] = None):
-        """``netns``: run inside that network namespace (the emulated WAN of tests/test_wan.py)."""
+    def __init__(self, args: List[str], log_path: Path, netns: Optional[str] = None, env: Optional[dict] = None):
+        """``netns``: run inside that network namespace (the emulated WAN of tests/test_wan.py); ``env``: extra
+        environment variables (e.g. a test-only pause point, node/fault_points.py)."""
         self.args = list(args)
         launcher = ["-m", "scripts.wan_emu.netns_exec", netns] if netns else ["-m"]
-        super().__init__([*launcher, "tests.swarm_helpers.node_proc", *args], log_path)
+        super().__init__([*launcher, "tests.swarm_helpers.node_proc", *args], log_path,
+                         env=None if env is None else {**os.environ, **env})
 
     def crash(self) -> List[Pid]:
         """SIGKILL only the main process; returns its helpers (the forked DHT process, the libp2p daemon), which
