@@ -3,8 +3,13 @@
     GEPO_TEST_PAUSE_AT=publish:after_visible        # pause at every pass through that point
     GEPO_TEST_PAUSE_AT=publish:after_visible@3      # only when it is reached for version 3
 
-The program prints ``paused at <point> (version v)`` on stderr and sleeps until it is killed. Not for production:
-unset (the default), every call is one dictionary lookup.
+The program prints ``paused at <point> (version v)`` on stderr and sleeps until it is killed (or, for a point given
+``until``, until that returns True: e.g. a clean stop requested by SIGTERM). Not for production: unset (the
+default), every call is one dictionary lookup.
+
+Points: ``publish:before_visible``, ``publish:after_visible`` (v: the version), ``learner:before_train`` (v: the
+step about to be trained, its batch taken), ``learner:after_train`` (v: the step just trained and journaled, not
+yet checkpointed) and ``learner:before_take`` (v: the current step; the trainer stops taking, intake goes on).
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ import logging
 import os
 import sys
 import time
+from typing import Callable
 
 ENV = "GEPO_TEST_PAUSE_AT"
 log = logging.getLogger(__name__)
 
 
-def pause_point(point: str, version: int | None = None) -> None:
+def pause_point(point: str, version: int | None = None, until: Callable[[], bool] | None = None) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
@@ -27,5 +33,5 @@ def pause_point(point: str, version: int | None = None) -> None:
         return
     log.warning("%s: paused at %s (version %s) until killed [test-only]", ENV, point, version)
     print(f"paused at {point} (version {version})", file=sys.stderr, flush=True)
-    while True:
-        time.sleep(3600)
+    while until is None or not until():
+        time.sleep(3600 if until is None else 0.1)

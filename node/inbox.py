@@ -7,6 +7,9 @@
 * **Inbox**: accepted groups wait in ``<dir>/inbox/<seq>.grp`` until the training loop takes them
   (:meth:`DurableInbox.get`); a learner killed before its trainer consumed them finds them again on restart.
   At most ``maxsize`` groups wait; beyond that the sender is told ``busy`` and retries later (back-pressure).
+* **Journal** (``journal=True``, the learner program): a taken group's file is kept until a checkpoint covers the
+  step that trained it, and every group's fate is recorded in ``<dir>/journal.jsonl`` (:mod:`node.journal`), so a
+  restart from an older checkpoint trains the rolled-back groups again (:meth:`reload` with ``resumed_from``).
 
 Without a directory both live in memory only.
 """
@@ -20,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ class Accepted:
 
 class DurableInbox:
     def __init__(self, directory: Optional[str], maxsize: int = 4096, max_ids: int = 1_000_000,
-                 fsync: bool = False):
+                 fsync: bool = False, journal: bool = False):
         self.directory = directory
         self.maxsize = int(maxsize)
         self.max_ids = int(max_ids)
@@ -51,9 +54,14 @@ class DurableInbox:
         self._log = None
         self._log_lines = 0
         self._pending_files: List[str] = []
+        self.journal = None
         if directory:
             os.makedirs(os.path.join(directory, "inbox"), exist_ok=True)
             self._load_ledger()
+            if journal:
+                from node.journal import GroupJournal
+
+                self.journal = GroupJournal(directory, fsync=fsync)
 
     # --- persistence ----------------------------------------------------------------------------------------------
     def _ledger_path(self) -> str:
@@ -87,17 +95,29 @@ class DurableInbox:
         self._pending_files = [self._item_path(s) for s in sorted(seqs)]
         self._next_seq = max(seqs) + 1 if seqs else 0
 
-    def reload(self, decode: Callable[[bytes], Any]) -> int:
-        """Queue the groups a previous run accepted but its trainer never took. ``decode`` rebuilds the item from
-        the signed bytes (it should not re-apply replay checks: the ledger already vouches for these)."""
+    def reload(self, decode: Callable[[bytes], Any], resumed_from: int = 0) -> int:
+        """Queue the groups a previous run accepted but its trainer never took (with the journal: or took, but in
+        steps after ``resumed_from``, the step of the checkpoint this run loaded). ``decode`` rebuilds the item
+        from the signed bytes (it should not re-apply replay checks: the ledger already vouches for these)."""
         n = 0
+        known = set()
+        if self.journal is not None:
+            ids = [int(os.path.basename(p)[:-4]) for p in self._pending_files]
+            requeue, covered = self.journal.begin_life(resumed_from, ids)
+            for i in covered:  # trained in a step the loaded checkpoint holds, or dropped
+                _unlink(self._item_path(i))
+            known = set(requeue) & set(self.journal.live)
+            self._pending_files = [self._item_path(i) for i in requeue]
         for path in self._pending_files:
             try:
                 with open(path, "rb") as f:
                     payload = f.read()
                 item = decode(payload)
             except Exception as e:
-                logger.warning("dropping unreadable inbox file %s: %s", path, e)
+                logger.warning("dropping inbox file %s: %s", path, e)
+                seq = int(os.path.basename(path)[:-4])
+                if seq in known:  # acknowledged, e.g. stale by now (the ProtocolError's reason): counted as such
+                    self.journal.dropped(seq, getattr(getattr(e, "reason", None), "value", None) or "unreadable")
                 _unlink(path)
                 continue
             seq = int(os.path.basename(path)[:-4])
@@ -107,6 +127,8 @@ class DurableInbox:
                     self._remember(digest)
                     self._log.write(digest.hex() + "\n")
                     self._log.flush()
+                if self.journal is not None and seq not in known:  # ... or between the item and its journal line
+                    self.journal.accepted(seq, item, digest, time.time())
                 self._queue.append(Accepted(item, payload, digest, "", time.time(), seq))
                 self._cond.notify_all()
             n += 1
@@ -161,6 +183,8 @@ class DurableInbox:
                 if self.fsync:
                     os.fsync(self._log.fileno())
                 self._log_lines += 1
+                if self.journal is not None:  # before the sender is answered "accepted"
+                    self.journal.accepted(seq, accepted.item, accepted.digest, accepted.received_at)
             self._remember(accepted.digest)
             if self.directory and self._log_lines > 2 * self.max_ids:
                 self._compact()
@@ -181,10 +205,33 @@ class DurableInbox:
             out = []
             while self._queue and len(out) < max_items:
                 out.append(self._queue.popleft())
-        if self.directory:
+        if self.directory and self.journal is None:  # with the journal: kept until a checkpoint covers them
             for a in out:
                 _unlink(self._item_path(a.seq))
         return out
+
+    # --- the journal's trainer side (no-ops without it) ------------------------------------------------------------
+    def answered(self, status: str, payload: bytes, digest: bytes, reason: Optional[str] = None) -> None:
+        """Record a ``rejected`` or ``duplicate`` answer."""
+        if self.journal is not None:
+            self.journal.answered(status, payload, digest, reason)
+
+    def trained(self, step: int, fates: Dict[int, Optional[str]]) -> None:
+        """Step ``step`` trained ``{id: None}`` and dropped ``{id: reason}`` (ids: ``Accepted.seq``)."""
+        if self.journal is not None:
+            for i in self.journal.trained(step, fates):
+                _unlink(self._item_path(i))
+
+    def dropped(self, seq: int, reason: str) -> None:
+        """A taken group will never be trained (stale, banned, ...): its bytes can go."""
+        if self.journal is not None and self.journal.dropped(seq, reason):
+            _unlink(self._item_path(seq))
+
+    def covered(self, step: int) -> None:
+        """A checkpoint of ``step`` is on disk: the groups trained up to it are safe in it."""
+        if self.journal is not None:
+            for i in self.journal.checkpoint(step):
+                _unlink(self._item_path(i))
 
     def pending(self) -> List[Accepted]:
         """A snapshot of the groups waiting for the trainer, oldest first."""
@@ -200,6 +247,8 @@ class DurableInbox:
             if self._log is not None:
                 self._log.close()
                 self._log = None
+        if self.journal is not None:
+            self.journal.close()
 
 
 def _unlink(path: str) -> None:

@@ -33,6 +33,7 @@ from node.cli import (ArgumentParser, add_dataclass_args, add_process_args, data
                       parse_with_recipe, program_name, setup_process)
 from node.intake import Intake, IntakeConfig
 from node.errors import EXIT_INTERRUPTED, EXIT_USAGE, BootstrapError, ConfigError, ModelLoadError, fail
+from node.fault_points import pause_point
 from node.metrics import GracefulStop, MetricsWriter, StatusLine, quiet_transformers
 from node import policy_setup as ps
 from node.policy_setup import PolicyConfig
@@ -316,6 +317,11 @@ class Learner:
                           for a in accuracies[ends[i]:ends[i + 1]]]
         if guard is not None and self.is_main:
             self.intake.after_step(self.state.step, self.version, mine, guard.rejected, guard.details)
+        if self.swarm is not None:  # write-ahead journal (node/journal.py): before any checkpoint covers this step
+            rejected = guard.rejected if guard is not None and self.acc is None else {}
+            self.swarm.inbox.trained(self.state.step, {g.tag[2]: rejected.get(i) for i, g in enumerate(groups)
+                                                       if g.tag is not None and len(g.tag) > 2})
+            pause_point("learner:after_train", self.state.step)
         self.counters["tokens_trained"] += sum(len(c) for i, g in enumerate(mine) for c in g.completion_ids
                                                if guard is None or i not in guard.rejected)
         metrics["accuracy"] = float(np.mean(accuracies)) if accuracies else 0.0
@@ -346,6 +352,8 @@ class Learner:
         self.state.counters = {"counters": dict(self.counters), "rejections": dict(self.rejections)}
         save_checkpoint(self.run_dir, self.model, self.tokenizer, self.optimizer, self.state,
                         scheduler=self.lr_scheduler, accelerator=self.acc)
+        if self.swarm is not None:  # the groups trained up to this step are safe in it: their bytes can go
+            self.swarm.inbox.covered(self.state.step)
 
     def close(self) -> None:
         self.intake.close()
@@ -457,7 +465,7 @@ class Learner:
         from node.learner_swarm import LearnerSwarm
 
         self.make_validator(self.swarm_cfg.run_id)
-        self.swarm = LearnerSwarm(self.swarm_cfg, validate=self._validate)
+        self.swarm = LearnerSwarm(self.swarm_cfg, validate=self._validate, resumed_from=self.state.step)
         self.swarm.start(print_join=True)
         if self.intake_cfg.verify_fraction > 0 or self.intake_cfg.verify_first > 0:
             self.intake.start_verifier(self.model, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p, self.pad_id)
@@ -470,18 +478,26 @@ class Learner:
             if banned := self.intake.poll():  # a spot-check failed: what that sampler still has queued goes
                 kept = [p for p in pending if p[0].tag[0] not in banned]
                 self.intake.counts["dropped_banned"] += len(pending) - len(kept)
+                for p in pending:
+                    if p[0].tag[0] in banned:
+                        self.swarm.inbox.dropped(p[0].tag[2], "banned")
                 pending = kept
                 for key in banned:  # and its standing in the inbox shares (node/fairness.py)
                     self.swarm.forget_key(bytes.fromhex(key))
             need = max(1, self.cfg.groups_per_step - len(pending))
+            pause_point("learner:before_take", self.state.step)
             for accepted in self.swarm.get_rollouts(max_items=need, timeout=0.5):
                 last_rollout = time.monotonic()
-                self._take(accepted.item, pending)
+                if why := self._take(accepted.item, pending, accepted.seq):
+                    self.swarm.inbox.dropped(accepted.seq, why)
             if len(pending) >= self.cfg.groups_per_step:
                 batch, pending = pending[: self.cfg.groups_per_step], pending[self.cfg.groups_per_step:]
                 groups = [g for g, _, _ in batch]
                 accuracies = [a for _, acc, _ in batch for a in acc]
                 extra = self._swarm_metrics(batch)
+                pause_point("learner:before_train", self.state.step + 1, until=lambda: self.stop.requested)
+                if self.stop.requested:  # a clean stop: the batch stays held in the inbox for the next life
+                    break
                 self._broadcast((groups, accuracies, extra))
                 m = self.train(groups, accuracies, extra)
                 if self.state.step % self.cfg.publish_every == 0 or self.state.step >= self.cfg.max_steps:
@@ -492,16 +508,17 @@ class Learner:
             else:
                 self._status(None)
 
-    def _take(self, group: RolloutGroup, pending: list) -> None:
-        """Drop a group that went stale while it waited; score the rest."""
+    def _take(self, group: RolloutGroup, pending: list, entry: int = -1) -> str | None:
+        """Drop a group that went stale while it waited (returns why it was dropped); score the rest. ``entry``: the
+        group's inbox id (``Accepted.seq``), kept in its tag for the journal."""
         if self.intake.drop_if_banned(group.sampler):
-            return
+            return "banned"
         sampler = group.sampler.hex()[:8]
         lag = self.version - group.policy_version
         if lag > self.cfg.max_staleness:
             self.counters["dropped_stale"] += 1
             self.sampler_stats[sampler]["stale"] += 1
-            return
+            return "stale"
         try:
             scored, acc = self.score(group.prompt_index, group.prompt_ids.tolist(),
                                      [c.tolist() for c in group.completions()],
@@ -509,8 +526,8 @@ class Learner:
         except Exception as exc:  # noqa: BLE001 - one group's failure drops that group, never the learner
             self.intake.counts["scoring_failed"] += 1
             log.warning("dropped group #%d of %s: scoring failed: %r", group.seq, sampler, exc)
-            return
-        scored.tag = (group.sampler.hex(), group.seq)
+            return "scoring_failed"
+        scored.tag = (group.sampler.hex(), group.seq, entry)
         self.intake.accepted(group)
         self.counters["groups_accepted"] += 1
         stats = self.sampler_stats[sampler]
@@ -518,6 +535,7 @@ class Learner:
         stats["tokens"] += int(group.completion_lens.sum())
         stats["lag_sum"] += lag
         pending.append((scored, acc, sampler))
+        return None
 
     def _swarm_metrics(self, batch: list) -> dict[str, Any]:
         rejections = {k: v for k, v in self.validator.counts().items() if k != "accepted"}

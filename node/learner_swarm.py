@@ -62,6 +62,10 @@ class LearnerSwarm:
         format's :func:`protocol.rollout.read_sender`): lets a group whose key has no room in the inbox be answered
         ``busy`` before paying for validation. After validation the key is the item's ``sampler`` attribute (the
         sender's peer id for items without one). See :mod:`node.fairness` for how the inbox is shared.
+    :param resumed_from: a trainer that checkpoints (the learner program) gives the step of the checkpoint it
+        loaded (0: none): the inbox then keeps the write-ahead journal (:mod:`node.journal`) and holds each group
+        until the trainer reports a checkpoint covering it (``inbox.trained`` / ``inbox.covered``). None: a taken
+        group is gone from the inbox.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class LearnerSwarm:
         validate: Callable[[bytes], Any],
         decode: Optional[Callable[[bytes], Any]] = None,
         claimed_key: Optional[Callable[[bytes], Any]] = read_sender,
+        resumed_from: Optional[int] = None,
     ):
         self.config = config
         if identity is None:
@@ -93,7 +98,8 @@ class LearnerSwarm:
             max_streams_per_peer=config.max_chunk_streams_per_peer,
             requests_per_peer=config.chunk_requests_per_peer,
         )
-        self.inbox = DurableInbox(config.state_dir, maxsize=config.inbox_size)
+        self.resumed_from = resumed_from
+        self.inbox = DurableInbox(config.state_dir, maxsize=config.inbox_size, journal=resumed_from is not None)
         self._validator_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollout-validate")
         self.counters: Counter = Counter()
         self.rejections: Counter = Counter()
@@ -126,11 +132,13 @@ class LearnerSwarm:
                 return self
             self.node.start()
             try:
-                reloaded = self.inbox.reload(self.decode)
+                reloaded = self.inbox.reload(self.decode, resumed_from=self.resumed_from or 0)
                 for acc in self.inbox.pending():
                     self.shares.put(_key_of(acc))
                 if reloaded:
-                    logger.info("reloaded %d accepted rollout groups the trainer had not taken yet", reloaded)
+                    logger.info("reloaded %d accepted rollout groups %s", reloaded,
+                                "not trained in a checkpointed step" if self.inbox.journal else
+                                "the trainer had not taken yet")
                 self.loop.run(self._astart(), self.config.call_timeout)
             except BaseException:
                 self.node.shutdown()
@@ -320,6 +328,7 @@ class LearnerSwarm:
         digest = hashlib.sha256(payload).digest()
         if self.inbox.seen(digest):
             self.counters["duplicate"] += 1
+            self.inbox.answered("duplicate", payload, digest)
             return {"status": "duplicate"}
         if self.inbox.full():
             self.counters["busy"] += 1
@@ -328,7 +337,7 @@ class LearnerSwarm:
             try:
                 claimed = self.claimed_key(payload)
             except ProtocolError as e:
-                return self._rejected(e)
+                return self._rejected(e, payload, digest)
             except Exception:
                 claimed = None
             if claimed is not None and not self.shares.admits(claimed):
@@ -339,7 +348,7 @@ class LearnerSwarm:
                 loop.run_in_executor(self._validator_pool, self.validate, payload), self.config.rpc_timeout
             )
         except ProtocolError as e:
-            return self._rejected(e)
+            return self._rejected(e, payload, digest)
         except asyncio.TimeoutError:
             self.counters["busy"] += 1
             return {"status": "busy", "retry_after": 5.0}
@@ -355,15 +364,17 @@ class LearnerSwarm:
         if not self.inbox.put(accepted):
             self.shares.taken(key)
             self.counters["duplicate"] += 1
+            self.inbox.answered("duplicate", payload, digest)
             return {"status": "duplicate"}
         self.history.accepted(key)
         self.counters["accepted"] += 1
         return {"status": "accepted"}
 
-    def _rejected(self, e: ProtocolError) -> Dict[str, Any]:
+    def _rejected(self, e: ProtocolError, payload: bytes, digest: bytes) -> Dict[str, Any]:
         reason = getattr(e.reason, "value", str(e.reason))
         self.rejections[reason] += 1
         self.counters["rejected"] += 1
+        self.inbox.answered("rejected", payload, digest, reason)
         return {"status": "rejected", "reason": reason, "detail": str(e.detail)[:200]}
 
     def _busy_share(self, key) -> Dict[str, Any]:

@@ -40,6 +40,7 @@ from .config import SwarmConfig
 from .dht import SwarmNode, tcp_port_open
 from .loop import snapshot, wait_event
 from .fetcher import Blacklist, FetchStats, VersionFetcher
+from .journal import AnswerLog
 from .outbox import Outbox, OutboxFull
 from .ratelimit import TokenBucket
 from .records import read_haves, read_heartbeats, store_have, store_status
@@ -113,6 +114,7 @@ class SamplerSwarm:
         self.loop = self.node.loop
         self.store = WeightStore(config.weights_dir, keep=config.keep_versions)
         self.outbox = Outbox(config.outbox_dir, config.max_outbox_items, config.max_outbox_bytes)
+        self.answers = AnswerLog(config.state_dir, identity.public_key)  # for node.audit (node/journal.py)
         self.limiter = TokenBucket(config.upload_limit)
         self.chunk_server = ChunkServer(
             self.store, self.limiter, max_uploads=config.max_uploads, rpc_timeout=config.rpc_timeout,
@@ -431,11 +433,13 @@ class SamplerSwarm:
                 if isinstance(v, int) and self.learner is not None and (self.learner.version or -1) < v:
                     self._watch_wake.set()  # the learner has a newer version than its record we read
                 if status in ("accepted", "duplicate"):
+                    self.answers.record(status, payload)  # before the outbox forgets the group
                     self.outbox.remove(seq)
                     self.counters[status] += 1
                 elif status == "rejected":
-                    self.outbox.remove(seq)
                     reason = str(answer.get("reason", "unknown"))[:64]
+                    self.answers.record(status, payload, reason)
+                    self.outbox.remove(seq)
                     self.counters["rejected"] += 1
                     self.rejections[reason] += 1
                     logger.warning("the learner rejected rollout group #%d: %s %s", seq, reason,
@@ -717,6 +721,7 @@ class SamplerSwarm:
             pass
         self.node.shutdown()
         self.store.close()
+        self.answers.close()
 
     def __enter__(self) -> "SamplerSwarm":
         return self.start()

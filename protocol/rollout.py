@@ -51,6 +51,7 @@ __all__ = [
     "encode_group",
     "decode_group",
     "read_sender",
+    "read_claims",
     "wire_size",
     "prompt_hash",
     "raw_tensor_bytes",
@@ -412,6 +413,21 @@ def read_sender(data) -> bytes:
     if len(mv) < _SIGNED_PREFIX:
         raise ProtocolError(Reason.MALFORMED, "truncated rollout prefix")
     return bytes(mv[16:48])
+
+
+def read_claims(data, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, int, int]:
+    """(sampler key, sequence number, policy version) a message claims, WITHOUT verifying anything (for the audit
+    records of groups that were rejected or answered "duplicate"). Raises ProtocolError when they cannot be read."""
+    mv = as_bytes(data, "rollout group")
+    _check_magic(mv)
+    if len(mv) < PREFIX_BYTES:
+        raise ProtocolError(Reason.MALFORMED, "truncated rollout prefix")
+    header_len, payload_len = struct.unpack_from("<IQ", mv, 4)
+    _check_sizes(header_len, payload_len, limits)
+    if len(mv) < PREFIX_BYTES + header_len:
+        raise ProtocolError(Reason.MALFORMED, "truncated rollout header")
+    h = req_map(unpackb(mv[PREFIX_BYTES:PREFIX_BYTES + header_len], "rollout header"), _HEADER_KEYS, "rollout header")
+    return bytes(mv[16:48]), req_int(h["seq"], "seq"), req_int(h["policy_version"], "policy_version")
 
 
 def decode_group(data, limits: Limits = DEFAULT_LIMITS) -> RolloutGroup:
