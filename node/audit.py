@@ -84,7 +84,7 @@ def held_ids(journal_path: str) -> set[int]:
                 try:
                     out.add(int(name[:-4]))
                 except ValueError:
-                    pass
+                    pass  # not an inbox item (a stray file): nothing held
     return out
 
 

@@ -110,6 +110,20 @@ def _truncate_torn_tail(path: str) -> None:
 # reading a learner journal (shared by the learner's restart and the audit)
 
 
+def _rewrite_jsonl(path: str, records: list[dict], current: Any) -> tuple[Any, int]:
+    """Replace the append-only file at `path` (open as `current`) by `records`, atomically and durably (compaction).
+    Returns the reopened append handle and the new size."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    current.close()
+    os.replace(tmp, path)
+    return open(path, "a"), os.path.getsize(path)
+
+
 @dataclass
 class GroupFate:
     id: int
@@ -180,7 +194,7 @@ class JournalState:
             self.summary_dropped = Counter({k: int(v) for k, v in t.get("dropped", {}).items()})
             self.summary_rejected = Counter({k: int(v) for k, v in t.get("rejected_by_reason", {}).items()})
         elif e == "requeued":
-            pass
+            pass  # informational: a requeued group's fate is told by its later trained/dropped records
         else:
             raise ValueError(f"unknown record kind {e!r}")
 
@@ -372,16 +386,7 @@ class GroupJournal:
             for t in g.trained:
                 by_step.setdefault(t, []).append(i)
         lines += [{"e": "trained", "life": life, "step": k, "ids": ids} for (life, k), ids in sorted(by_step.items())]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            for rec in lines:
-                f.write(json.dumps(rec, separators=(",", ":")) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self._file.close()
-        os.replace(tmp, self.path)
-        self._file = open(self.path, "a")
-        self._size = os.path.getsize(self.path)
+        self._file, self._size = _rewrite_jsonl(self.path, lines, self._file)
         self.compactions += 1
         log.info("journal compacted to %d bytes (%d groups held)", self._size, len(self.live))
 
@@ -453,16 +458,8 @@ class AnswerLog:
             elif a == "rejected":
                 totals[a] += 1
                 rejected[str(rec.get("reason"))] += 1
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps({"a": "start", "sampler": sampler}) + "\n")
-            f.write(json.dumps({"a": "summary", "totals": {**totals, "rejected_by_reason": dict(rejected)}}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self._file.close()
-        os.replace(tmp, self.path)
-        self._file = open(self.path, "a")
-        self._size = os.path.getsize(self.path)
+        summary = {"a": "summary", "totals": {**totals, "rejected_by_reason": dict(rejected)}}
+        self._file, self._size = _rewrite_jsonl(self.path, [{"a": "start", "sampler": sampler}, summary], self._file)
 
     def close(self) -> None:
         if self._file is not None and not self._file.closed:
