@@ -271,18 +271,27 @@ if __name__ == "__main__":
     scorer, pool = RewardScorer(config), RewardFunctionPool([plugin + ":one"], config, timeout_s=5.0)
     scorer.warm_up()  # the default launch timeout here: the first start includes the server's preload imports
     pool.warm_up()
-    scorer.config = pool.config = dataclasses.replace(config, launch_timeout_s=3.0)
-    server = forkserver._forkserver._forkserver_pid
-    print(json.dumps({"fork_server": server}), flush=True)
-    os.kill(server, signal.SIGSTOP)  # a stopped (or swapped-out, or stuck) fork server: no worker can be forked
-    for worker in scorer._workers + pool._workers:
-        os.kill(worker.process.pid, signal.SIGKILL)  # so the next call needs a new one
-    report = {"scorer": attempt(lambda: scorer.score(["1/2"], ["0.5"])),
-              "pool": attempt(lambda: pool.run([(0, ["q"], ["a"], {})]))}
-    # the stuck server was killed: the next calls start a fresh one (which imports math-verify again) and work
-    scorer.config = pool.config = config
-    report["scorer_after"] = attempt(lambda: scorer.score(["1/2", "\\\\frac{1}{3}"], ["0.5", "0.5"]))
-    report["pool_after"] = attempt(lambda: pool.run([(0, ["q"], ["a"], {})]))
+    stuck = dataclasses.replace(config, launch_timeout_s=3.0)
+    report = {}
+    # One pool at a time: the fork server is shared, and the first pool to time out kills it, so the second would
+    # launch through a fresh one. Each pool's worker is killed while the server is stopped, so the call needs a new one.
+    for name, owner in (("scorer", scorer), ("pool", pool)):
+        server = forkserver._forkserver._forkserver_pid
+        print(json.dumps({"fork_server": server}), flush=True)
+        owner.config = stuck
+        os.kill(server, signal.SIGSTOP)  # a stopped (or swapped-out, or stuck) fork server: no worker can be forked
+        for worker in owner._workers:
+            os.kill(worker.process.pid, signal.SIGKILL)
+        if name == "scorer":
+            report[name] = attempt(lambda: scorer.score(["1/2"], ["0.5"]))
+        else:
+            report[name] = attempt(lambda: pool.run([(0, ["q"], ["a"], {})]))
+        # the stuck server was killed: the next call starts a fresh one (which imports math-verify again) and works
+        owner.config = config
+        if name == "scorer":
+            report["scorer_after"] = attempt(lambda: scorer.score(["1/2", "\\\\frac{1}{3}"], ["0.5", "0.5"]))
+        else:
+            report["pool_after"] = attempt(lambda: pool.run([(0, ["q"], ["a"], {})]))
     report["workers_after"] = [len(scorer._workers), len(pool._workers)]
     scorer.close()
     pool.close()
@@ -295,18 +304,22 @@ def test_a_fork_server_that_does_not_answer_is_an_error_within_the_start_up_time
     the server's reply); now it is a RewardWorkerError after launch_timeout_s, and the next call works again."""
     proc = subprocess.Popen([sys.executable, "-c", _STOPPED_FORK_SERVER], cwd=Path(__file__).parents[1],
                             stdout=subprocess.PIPE, text=True)
-    server = None
     try:
-        server = json.loads(proc.stdout.readline())["fork_server"]
         out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # the bug this test is for: a start that blocks for ever
+        proc.kill()
+        out, _ = proc.communicate(timeout=10)
     finally:
         proc.kill()
         proc.wait(10)
-        if server is not None:  # stopped and orphaned if the child hung: never leave it behind
-            try:
-                os.kill(server, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        # a stopped server is orphaned if the child hung: never leave one behind
+        for line in out.splitlines() if out else []:
+            if line.startswith('{"fork_server"'):
+                try:
+                    os.kill(json.loads(line)["fork_server"], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    assert proc.returncode == 0, out
     report = json.loads(out.strip().splitlines()[-1])
     for name in ("scorer", "pool"):
         assert report[name]["outcome"].startswith("RewardWorkerError: a reward worker process was not started "

@@ -111,11 +111,12 @@ def test_versions_reach_every_sampler_bit_exact(swarm):
         assert uploaded <= 2 * SIZE, f"learner uploaded {uploaded / SIZE:.2f} x the weights for v{v}"
     from_peers = sum(s.request("stats")["stats"]["chunks_from_peers"] for s in samplers)
     assert from_peers > 0, "samplers never exchanged chunks"
-    # each sampler keeps the last two versions on disk
+    # each sampler keeps the last two versions on disk, and the keyframe (v1, the first version: --keyframe-every
+    # 10) that a newcomer's cumulative delta starts from
     tmp = swarm["tmp"]
     for i in range(3):
         kept = sorted(p.name for p in (tmp / f"s{i}" / "weights").glob("*.bin"))
-        assert kept == ["v000000000002.bin", "v000000000003.bin"], kept
+        assert kept == ["v000000000001.bin", "v000000000002.bin", "v000000000003.bin"], kept
 
 
 def test_silent_and_slow_clients_do_not_stall_the_learner(swarm):
