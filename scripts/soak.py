@@ -291,7 +291,7 @@ class Node:
         totals: dict[str, int] = {}
         for pid in TreeMemory().tree(root, table):
             kib = read_vmrss_kib(pid)
-            if kib is not None:
+            if kib:  # 0: a process caught between fork and exec or while exiting (no cmdline either): not a component
                 component = "main process" if pid == root else _role(table[pid][2], main_cmd)
                 totals[component] = totals.get(component, 0) + kib
         t = self.clock() - self.life.started
