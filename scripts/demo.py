@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         learner_cmd += shlex.split(args.learner_args)
         learner = Proc(learner_cmd, run_dir / "learner.log")
         procs.append(learner)
-        join = join_args(learner, timeout=120)
+        # a real model's learner first loads it and runs the step-0 held-out evaluation: minutes on a loaded CPU
+        join = join_args(learner, timeout=min(args.timeout, 1800))
         print("learner up; samplers join with: python -m node.sampler " + " ".join(join), flush=True)
         for i in range(args.samplers):
             slow = args.samplers > 1 and i >= args.samplers - args.slow_samplers
