@@ -48,80 +48,8 @@ def catchup(sampler: NodeProc, v: int) -> dict:
     return sampler.request("stats")["stats"]["catchup"][str(v)]
 
 
-@pytest.fixture(scope="module")
-def swarm(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("deltas")
-    procs = []
-    try:
-        learner = NodeProc(["learner", "--state", str(tmp / "L"), "--limit", "8e6", *SETTINGS], tmp / "learner.log")
-        procs.append(learner)
-        ready = learner.wait_event("ready", 90)
-        join = ["--peers", ready["maddrs"][0], "--learner-key", ready["key"]]
-        samplers = [NodeProc(["sampler", "--state", str(tmp / f"s{i}"), *join], tmp / f"s{i}.log") for i in range(4)]
-        procs += samplers
-        for s in samplers:
-            s.wait_event("joined", 120)
-        yield {"learner": learner, "samplers": samplers, "join": join, "tmp": tmp, "procs": procs}
-    finally:
-        stop_all(procs)
-
-
-def test_versions_reach_samplers_as_deltas_bit_exact(swarm):
-    learner, samplers = swarm["learner"], swarm["samplers"]
-    stale = samplers[3]
-    for v in range(1, 11):
-        pub = publish(learner, v)
-        following = samplers if v <= 3 else samplers[:3]
-        for s in following:
-            assert s.wait_event("version", 90, v=v)["sha"] == pub["sha"], f"{s.args[2]} holds a corrupted v{v}"
-        if v == 3:
-            stale.stop()  # graceful: it keeps v1 (keyframe), v2, v3 on disk and comes back in the next test
-    stats = learner.request("stats")["stats"]
-    assert stats["keyframe"] == 6
-    sizes = {(b, v): n for b, v, n in stats["deltas"]}
-    for v in range(2, 11):
-        step = sizes[(v - 1, v)]
-        assert step < SIZE * 0.03, f"the delta into v{v} is {step / SIZE:.1%} of the version"
-        for s in samplers[:3]:
-            c = catchup(s, v)
-            assert c["plan"] == [[v - 1, v, step]], f"{s.args[2]} reached v{v} by {c['plan']}"
-            assert c["fetched_bytes"] == step, f"{s.args[2]} fetched {c['fetched_bytes']} bytes for a {step}-byte delta"
-        # no chunk of the full version left the learner (its manifest did: every sampler rebuilt it from the delta)
-        assert stats["upload_by_version"].get(str(v), 0) < CHUNK // 8
-        assert stats["upload_by_delta"][f"{v - 1}-{v}"] <= 2 * step, (stats["upload_by_delta"], stats["hoard_waivers"])
-    s0 = samplers[0].request("stats")["stats"]
-    assert s0["bad_chunks"] == 0 and not s0["blacklisted"]
-    assert sum(s.request("stats")["stats"]["delta_bytes_uploaded"] for s in samplers[:3]) > 0, \
-        "samplers never passed delta chunks to each other"
-
-
-def test_stale_sampler_and_newcomer_take_the_cheapest_plan(swarm):
-    learner, tmp, join = swarm["learner"], swarm["tmp"], swarm["join"]
-    back = NodeProc(swarm["samplers"][3].args, tmp / "s3-back.log")
-    newcomer = NodeProc(["sampler", "--state", str(tmp / "new"), *join], tmp / "new.log")
-    swarm["procs"] += [back, newcomer]
-    for s in (back, newcomer):
-        assert s.wait_event("version", 120, v=10)["sha"] == expected_sha(10)
-    assert "found stored version 3" in back.log_text()
-
-    sizes = {(b, v): n for b, v, n in learner.request("stats")["stats"]["deltas"]}
-    chain = {(v - 1, v): sizes[(v - 1, v)] for v in range(4, 11)}
-    cumulative = sizes[(6, 10)]
-    to_keyframe = sum(chain[(v - 1, v)] for v in range(4, 7))
-    options = {  # every way from v3 (and the keyframe v1 it kept) to v10 the learner's deltas allow
-        "chain 3->10": sum(chain.values()),
-        "chain 3->6, cumulative 6->10": to_keyframe + cumulative,
-        "full v6, cumulative 6->10": SIZE + cumulative,
-        "full v10": SIZE,
-    }
-    assert min(options, key=options.get) == "chain 3->6, cumulative 6->10", options
-    c = catchup(back, 10)
-    assert c["plan"] == [[3, 4, chain[(3, 4)]], [4, 5, chain[(4, 5)]], [5, 6, chain[(5, 6)]], [6, 10, cumulative]]
-    assert c["fetched_bytes"] == c["planned_bytes"] == options["chain 3->6, cumulative 6->10"]
-
-    # a newcomer holds nothing: the full v10 beats the keyframe v6 plus the cumulative delta
-    c = catchup(newcomer, 10)
-    assert c["plan"] == [[None, 10, SIZE]] and c["fetched_bytes"] == SIZE
+# The two fault tests come first (pytest runs a file's tests in order): each starts its own processes, and the
+# module's shared swarm below, once started, runs until the module's last test is done.
 
 
 def learner_deltas(learner: NodeProc) -> dict:
@@ -153,8 +81,7 @@ def test_peer_serving_corrupt_delta_chunks_is_caught_and_avoided(tmp_path):
             assert s.wait_event("version", 90, v=1)["sha"] == expected_sha(1, evolve)
 
         # the honest samplers go offline holding v1; the liar alone follows to v2, then holds every chunk of 1->2
-        for h in honest:
-            h.stop()
+        stop_all(honest)
         publish(learner, 2, evolve)
         assert evil.wait_event("version", 90, v=2)["sha"] == expected_sha(2, evolve)
         size2 = learner_deltas(learner)[(1, 2)]
@@ -254,3 +181,79 @@ def test_sampler_killed_mid_delta_resumes(tmp_path):
             f"fetched {c['fetched_bytes']} bytes after the restart; {left} of the {size}-byte delta were missing")
     finally:
         stop_all(procs)
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("deltas")
+    procs = []
+    try:
+        learner = NodeProc(["learner", "--state", str(tmp / "L"), "--limit", "8e6", *SETTINGS], tmp / "learner.log")
+        procs.append(learner)
+        ready = learner.wait_event("ready", 90)
+        join = ["--peers", ready["maddrs"][0], "--learner-key", ready["key"]]
+        samplers = [NodeProc(["sampler", "--state", str(tmp / f"s{i}"), *join], tmp / f"s{i}.log") for i in range(4)]
+        procs += samplers
+        for s in samplers:
+            s.wait_event("joined", 120)
+        yield {"learner": learner, "samplers": samplers, "join": join, "tmp": tmp, "procs": procs}
+    finally:
+        stop_all(procs)
+
+
+def test_versions_reach_samplers_as_deltas_bit_exact(swarm):
+    learner, samplers = swarm["learner"], swarm["samplers"]
+    stale = samplers[3]
+    for v in range(1, 11):
+        pub = publish(learner, v)
+        following = samplers if v <= 3 else samplers[:3]
+        for s in following:
+            assert s.wait_event("version", 90, v=v)["sha"] == pub["sha"], f"{s.args[2]} holds a corrupted v{v}"
+        if v == 3:
+            stale.stop()  # graceful: it keeps v1 (keyframe), v2, v3 on disk and comes back in the next test
+    stats = learner.request("stats")["stats"]
+    assert stats["keyframe"] == 6
+    sizes = {(b, v): n for b, v, n in stats["deltas"]}
+    for v in range(2, 11):
+        step = sizes[(v - 1, v)]
+        assert step < SIZE * 0.03, f"the delta into v{v} is {step / SIZE:.1%} of the version"
+        for s in samplers[:3]:
+            c = catchup(s, v)
+            assert c["plan"] == [[v - 1, v, step]], f"{s.args[2]} reached v{v} by {c['plan']}"
+            assert c["fetched_bytes"] == step, f"{s.args[2]} fetched {c['fetched_bytes']} bytes for a {step}-byte delta"
+        # no chunk of the full version left the learner (its manifest did: every sampler rebuilt it from the delta)
+        assert stats["upload_by_version"].get(str(v), 0) < CHUNK // 8
+        assert stats["upload_by_delta"][f"{v - 1}-{v}"] <= 2 * step, (stats["upload_by_delta"], stats["hoard_waivers"])
+    s0 = samplers[0].request("stats")["stats"]
+    assert s0["bad_chunks"] == 0 and not s0["blacklisted"]
+    assert sum(s.request("stats")["stats"]["delta_bytes_uploaded"] for s in samplers[:3]) > 0, \
+        "samplers never passed delta chunks to each other"
+
+
+def test_stale_sampler_and_newcomer_take_the_cheapest_plan(swarm):
+    learner, tmp, join = swarm["learner"], swarm["tmp"], swarm["join"]
+    back = NodeProc(swarm["samplers"][3].args, tmp / "s3-back.log")
+    newcomer = NodeProc(["sampler", "--state", str(tmp / "new"), *join], tmp / "new.log")
+    swarm["procs"] += [back, newcomer]
+    for s in (back, newcomer):
+        assert s.wait_event("version", 120, v=10)["sha"] == expected_sha(10)
+    assert "found stored version 3" in back.log_text()
+
+    sizes = learner_deltas(learner)
+    chain = {(v - 1, v): sizes[(v - 1, v)] for v in range(4, 11)}
+    cumulative = sizes[(6, 10)]
+    to_keyframe = sum(chain[(v - 1, v)] for v in range(4, 7))
+    options = {  # every way from v3 (and the keyframe v1 it kept) to v10 the learner's deltas allow
+        "chain 3->10": sum(chain.values()),
+        "chain 3->6, cumulative 6->10": to_keyframe + cumulative,
+        "full v6, cumulative 6->10": SIZE + cumulative,
+        "full v10": SIZE,
+    }
+    assert min(options, key=options.get) == "chain 3->6, cumulative 6->10", options
+    c = catchup(back, 10)
+    assert c["plan"] == [[3, 4, chain[(3, 4)]], [4, 5, chain[(4, 5)]], [5, 6, chain[(5, 6)]], [6, 10, cumulative]]
+    assert c["fetched_bytes"] == c["planned_bytes"] == options["chain 3->6, cumulative 6->10"]
+
+    # a newcomer holds nothing: the full v10 beats the keyframe v6 plus the cumulative delta
+    c = catchup(newcomer, 10)
+    assert c["plan"] == [[None, 10, SIZE]] and c["fetched_bytes"] == SIZE
