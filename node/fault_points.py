@@ -9,7 +9,9 @@ default), every call is one dictionary lookup.
 
 Points: ``publish:before_visible``, ``publish:after_visible`` (v: the version), ``learner:before_train`` (v: the
 step about to be trained, its batch taken), ``learner:after_train`` (v: the step just trained and journaled, not
-yet checkpointed) and ``learner:before_take`` (v: the current step; the trainer stops taking, intake goes on).
+yet checkpointed), ``learner:before_take`` (v: the current step; the trainer stops taking, intake goes on) and
+``delta:half_fetched`` (v: the version a sampler is downloading a delta into; reached when half of the delta's
+chunks are verified and on disk).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import hashlib
 
 import pytest
 
-from tests.swarm_helpers.procs import NodeProc, alive, free_port, rollouts, settle, stop_all, wait_until
+from tests.swarm_helpers.procs import NodeProc, assert_helpers_exit, free_port, rollouts, settle, stop_all, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -23,12 +23,6 @@ def expected_sha(version: int, size: int) -> str:
     from tests.swarm_helpers.node_proc import synthetic_weights
 
     return hashlib.sha256(synthetic_weights(version, size)).hexdigest()
-
-
-def assert_helpers_exit(helpers, timeout: float = 10.0) -> None:
-    assert helpers, "the node had no DHT process / libp2p daemon to check"
-    wait_until(lambda: not any(alive(p) for p in helpers), timeout,
-               f"the crashed node's DHT process and libp2p daemon ({helpers}) to exit on their own")
 
 
 def test_corrupt_peer_is_caught_and_avoided(tmp_path):

@@ -48,6 +48,14 @@ def alive(proc: Pid) -> bool:
         return False
 
 
+def assert_helpers_exit(helpers: List[Pid], timeout: float = 10.0) -> None:
+    """The helpers :meth:`NodeProc.crash` returned exit by themselves within ``timeout`` s (nothing is left behind that
+    would hold the crashed node's port or identity)."""
+    assert helpers, "the node had no DHT process / libp2p daemon to check"
+    wait_until(lambda: not any(alive(p) for p in helpers), timeout,
+               f"the crashed node's DHT process and libp2p daemon ({helpers}) to exit on their own")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
