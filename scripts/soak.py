@@ -40,7 +40,7 @@ from node.cli import ArgumentParser, add_dataclass_args, dataclass_from_args, op
 from node.journal import ANSWERS_FILE, JOURNAL_FILE
 from node.local import LOOPBACK, REPO, Proc, join_args
 from node.publish_guard import PublishGuard
-from scripts.bench.bench_nodes import TreeMemory, _proc_table, _role
+from scripts.bench.bench_nodes import TreeMemory, _proc_table, _role, proc_status_kib
 from scripts.soak_figures import (check_versions, first_after, life_start_version, read_jsonl, report,
                                   rss_summary, timing_summary)
 
@@ -142,17 +142,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def read_vmrss_kib(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return None
 
 
 def live_members(pgid: int) -> list[int]:
@@ -290,7 +279,7 @@ class Node:
         main_cmd = table[root][2]
         totals: dict[str, int] = {}
         for pid in TreeMemory().tree(root, table):
-            kib = read_vmrss_kib(pid)
+            kib = proc_status_kib(pid, "VmRSS")
             if kib:  # 0: a process caught between fork and exec or while exiting (no cmdline either): not a component
                 component = "main process" if pid == root else _role(table[pid][2], main_cmd)
                 totals[component] = totals.get(component, 0) + kib

@@ -365,12 +365,12 @@ class Node(Proc):
         super().on_line(line)
 
 
-def _read_hwm(pid: int) -> int | None:
-    """VmHWM (peak resident set) of a process, in KiB."""
+def proc_status_kib(pid: int, field: str = "VmHWM") -> int | None:
+    """A memory field of /proc/PID/status in KiB: VmHWM (peak resident set), VmRSS (resident now); None if gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         pass
@@ -461,7 +461,7 @@ class TreeMemory:
             main_cmd = table[root][2]
             pss_sum = 0
             for pid in self.tree(root, table):
-                hwm = _read_hwm(pid)
+                hwm = proc_status_kib(pid)
                 if hwm is not None:
                     role = "main process" if pid == root else _role(table[pid][2], main_cmd)
                     prev = self.hwm[label].get(pid, (0, role))[0]
