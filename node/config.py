@@ -118,7 +118,9 @@ class SwarmConfig:
     keyframe_every: int = option(10, "a keyframe (the base of the cumulative deltas) every N published versions; the "
                                      "first version is one", role="learner")
     delta_keep_bytes: int = option(1024**3, "bytes of complete deltas kept for peers that are catching up (those into "
-                                            "the newest version are always kept)", parse=parse_size, metavar="BYTES")
+                                            "the newest version are always kept; none into versions 2 x "
+                                            "--keyframe-every or more behind the newest)",
+                                   parse=parse_size, metavar="BYTES")
     delta_chunk_size: int = option(4 * 1024**2, "bytes of the XOR stream per delta chunk, before compression",
                                    parse=parse_size, metavar="BYTES", role="learner")
 

@@ -92,7 +92,7 @@ class LearnerSwarm:
         )
         self.loop = self.node.loop
         self.store = WeightStore(None, keep=config.keep_versions)
-        self.deltas = DeltaStore(None, keep_bytes=config.delta_keep_bytes)
+        self.deltas = DeltaStore(None, keep_bytes=config.delta_keep_bytes, keep_versions=2 * config.keyframe_every)
         self.delta_publisher = DeltaPublisher(self.identity, keyframe_every=config.keyframe_every,
                                               chunk_size=config.delta_chunk_size) if config.weight_deltas else None
         self.limiter = TokenBucket(config.upload_limit)

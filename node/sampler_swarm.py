@@ -118,7 +118,7 @@ class SamplerSwarm:
         self.loop = self.node.loop
         self.store = WeightStore(config.weights_dir, keep=config.keep_versions)
         self.deltas = DeltaStore(os.path.join(config.weights_dir, "deltas") if config.weights_dir else None,
-                                 keep_bytes=config.delta_keep_bytes)
+                                 keep_bytes=config.delta_keep_bytes, keep_versions=2 * config.keyframe_every)
         self.catchup = CatchUp(self)  # how a new version is reached: full, or deltas (node/catchup.py)
         self.outbox = Outbox(config.outbox_dir, config.max_outbox_items, config.max_outbox_bytes)
         self.answers = AnswerLog(config.state_dir, identity.public_key)  # for node.audit (node/journal.py)

@@ -258,3 +258,23 @@ def test_fuzz_mutations_never_yield_wrong_weights():
         assert bytes(out) == target, f"trial {trial} ({what}) produced wrong weights"
         outcomes["exact"] += 1
     assert outcomes["rejected"] > 250, outcomes  # unchanged bytes (a write of the same value) may pass, exactly
+
+
+def test_a_delta_store_drops_deltas_too_old_to_be_the_cheapest_plan():
+    """Within its byte budget a DeltaStore still keeps no delta into a version `keep_versions` or more behind the
+    newest: a small model's deltas would otherwise fill the whole budget (1 GiB by default) in memory."""
+    from node.delta_store import DeltaStore
+
+    def fill(store: DeltaStore) -> list:
+        ts = tensors(0)
+        base, base_buf = version(ts, 0)
+        for v in range(1, 8):
+            ts = step(ts, v)
+            target, target_buf = version(ts, v)
+            delta, chunks = encode(base, base_buf, target, target_buf)
+            store.add_delta(delta, encode_delta_manifest(delta, LEARNER), chunks)
+            base, base_buf = target, target_buf
+        return [vb.key for vb in store.versions()]
+
+    assert fill(DeltaStore(None, keep_bytes=1 << 30, keep_versions=3)) == [(4, 5), (5, 6), (6, 7)]
+    assert len(fill(DeltaStore(None, keep_bytes=1 << 30))) == 7  # the byte budget alone keeps them all
