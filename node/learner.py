@@ -249,7 +249,7 @@ class Learner:
         self.stop = stop or GracefulStop()
         # Each pushed group's prompt is checked against its digest; caching the 32-byte digest rather than the token
         # ids keeps this bounded cache at ~11 MB instead of ~34 MB (the 30-minute soak's RSS growth, BENCHMARKS).
-        self.prompt_digest = functools.lru_cache(maxsize=65536)(lambda i: prompt_hash(self._prompt_ids(i)))
+        self.prompt_digest = functools.lru_cache(maxsize=65536)(lambda i: prompt_hash(self.prompt_ids(i)))
 
     # ---------------------------------------------------------------------------------------------------------
     # pieces
@@ -264,7 +264,7 @@ class Learner:
     def version(self) -> int:
         return self.state.policy_version
 
-    def _prompt_ids(self, index: int) -> tuple[int, ...]:
+    def prompt_ids(self, index: int) -> tuple[int, ...]:
         with self._tokenizer_lock:
             return tuple(format_prompt(self.tokenizer, self.prompts[index].question, self.cfg.system_prompt))
 
@@ -377,7 +377,7 @@ class Learner:
             t0 = time.perf_counter()
             # Every rank draws the same indices and samples its own share of them with the (identical) policy.
             indices = self._my_share([rng.randrange(len(self.prompts)) for _ in range(self.cfg.groups_per_step)])
-            prompts = [list(self._prompt_ids(i)) for i in indices]
+            prompts = [list(self.prompt_ids(i)) for i in indices]
             sampling = dataclasses.replace(params, seed=self.cfg.seed * 7919 + self.state.step)
             with self.precision.autocast():
                 generated = generate_groups(self.model, prompts, sampling, eos=self.tokenizer, pad_token_id=self.pad_id)

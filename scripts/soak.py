@@ -458,17 +458,18 @@ class Soak:
         restarts: list[tuple[float, Node]] = []  # (when, node)
         down_kills: list[tuple[float, float]] = []  # (when, restart at) for sampler kills during a learner downtime
         settle = self.cfg.settle_timeout
-        end = planned_end  # moved to `now` while planned kills still wait, up to hard_end
-        while self.clock() < end or restarts:
+        while True:
             now = self.clock()
-            if now >= planned_end and (learner_q or sampler_q or down_kills) and now < hard_end:
-                end = now + TICK_S
+            # past the planned end, kills that still wait for their target keep the churn going, up to hard_end
+            waiting = bool(learner_q or sampler_q or down_kills)
+            if not restarts and (now >= hard_end or (now >= planned_end and not waiting)):
+                break
             for when, node in [r for r in restarts if r[0] <= now]:
                 restarts.remove((when, node))
                 self._start(node)
                 self.log(f"restarted {node.name} (pid {node.proc.pid})"
                          + (" while the learner is down" if node is not self.learner and not self.learner.up else ""))
-            if now < end:
+            if now < hard_end:
                 if learner_q and learner_q[0][0] <= now and self.learner.settled(settle):
                     _, downtime, k = learner_q.pop(0)
                     self._kill(self.learner)
