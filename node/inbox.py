@@ -62,6 +62,8 @@ class DurableInbox:
                 from node.journal import GroupJournal
 
                 self.journal = GroupJournal(directory, fsync=fsync)
+                # an id the journal knows (a group dropped or trained in a lost step: no file left) is never reissued
+                self._next_seq = max(self._next_seq, self.journal.state.next_id)
 
     # --- persistence ----------------------------------------------------------------------------------------------
     def _ledger_path(self) -> str:

@@ -19,7 +19,7 @@ included, keeps it); fsync at every checkpoint record (and at every record with 
     {"e": "trained", "life": L, "step": k, "ids": [...]}  before any checkpoint of step k can exist
     {"e": "dropped", "life": L, "id": i, "reason": r}
     {"e": "checkpoint", "life": L, "step": c}            after the checkpoint (and its LATEST pointer) is on disk
-    {"e": "summary", "totals": {...}}                    what compaction folded away (first line after one)
+    {"e": "summary", "next_id": n, "totals": {...}}      what compaction folded away (first line after one)
 
 Surviving lineage: step k of life L survives iff k <= r of every later life and, for the last life, k <= its newest
 checkpoint. A start (``begin_life``) classifies every group still held: trained in a surviving step -> covered
@@ -151,6 +151,9 @@ class JournalState:
     summary: Counter = field(default_factory=Counter)  # totals folded by compaction
     summary_dropped: Counter = field(default_factory=Counter)
     summary_rejected: Counter = field(default_factory=Counter)
+    # one past the highest group id ever issued (kept through compaction): ids are never reused across lives, or
+    # the audit would take a later life's group for an earlier one with the same id and call the earlier one lost
+    next_id: int = 0
 
     @classmethod
     def from_records(cls, records: Iterable[dict], *, path: str = "journal", strict: bool = False) -> "JournalState":
@@ -170,6 +173,7 @@ class JournalState:
             self.lives[int(rec["life"])] = int(rec["resumed_from"])
         elif e == "accepted":
             i = int(rec["id"])
+            self.next_id = max(self.next_id, i + 1)
             self.groups[i] = GroupFate(i, rec.get("sampler"), rec.get("seq"), str(rec["digest"]), rec.get("version"))
         elif e == "trained":
             life, step = int(rec["life"]), int(rec["step"])
@@ -193,6 +197,7 @@ class JournalState:
             self.summary = Counter({k: int(v) for k, v in t.items() if isinstance(v, int)})
             self.summary_dropped = Counter({k: int(v) for k, v in t.get("dropped", {}).items()})
             self.summary_rejected = Counter({k: int(v) for k, v in t.get("rejected_by_reason", {}).items()})
+            self.next_id = max(self.next_id, int(rec.get("next_id", 0)))
         elif e == "requeued":
             pass  # informational: a requeued group's fate is told by its later trained/dropped records
         else:
@@ -376,7 +381,8 @@ class GroupJournal:
         for rec in st.rejected:
             rejected[str(rec.get("reason"))] += 1
         totals["duplicates"] += len(st.duplicates)
-        lines = [{"e": "summary", "totals": {**totals, "dropped": dict(dropped), "rejected_by_reason": dict(rejected)}}]
+        lines = [{"e": "summary", "next_id": max(st.next_id, max(self.live, default=-1) + 1),
+                  "totals": {**totals, "dropped": dict(dropped), "rejected_by_reason": dict(rejected)}}]
         lines += [{"e": "life", "life": life, "resumed_from": r} for life, r in sorted(st.lives.items())]
         lines += [{"e": "checkpoint", "life": life, "step": c} for life, c in sorted(st.checkpoints.items())]
         by_step: dict[tuple[int, int], list[int]] = {}

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: stopping every process", flush=True)
     finally:
         for p in reversed(procs):  # samplers first: they write their stats on the way out
-            p.stop(timeout=20)
+            p.stop(timeout=120)  # a sampler finishes its batch first: a minute for a real model on a loaded CPU
     if procs and procs[0].popen.returncode not in (0, 130, None) and not interrupted:
         print(f"the learner failed (exit {procs[0].popen.returncode}); its log: {run_dir / 'learner.log'}")
         print(procs[0].tail(20))

@@ -127,6 +127,28 @@ def test_eval_dataset_gives_eval_metrics_for_a_synthetic_run(tmp_path, gsm8k_sli
     assert "eval_mean@" not in " ".join(metrics[0])  # --eval-k 0: greedy only
 
 
+def test_eval_checkpoint_reproduces_the_learners_own_evaluation(tmp_path):
+    """scripts/eval_checkpoint.py: a run stopped between evaluations can be evaluated afterwards, and on a checkpoint
+    where the learner evaluated itself it gives the same figures (greedy decoding, same prompts, same scorer)."""
+    import json
+
+    run_dir = tmp_path / "run"
+    flags = ["--eval-size", "40", "--eval-every", "3", "--max-new-tokens", "8", "--checkpoint-every", "3"]
+    learner(run_dir, "--max-steps", "3", *flags)
+    own = [m for m in read_metrics(run_dir / "metrics.jsonl") if "eval_accuracy" in m][-1]
+    assert own["step"] == 3
+    out = subprocess.run([sys.executable, "-m", "scripts.eval_checkpoint", "--run-dir", str(run_dir), "--group-size",
+                          "4", "--groups-per-step", "2", "--reward-workers", "1", "--torch-threads", "1", *flags,
+                          "--out", str(tmp_path / "eval.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads((tmp_path / "eval.json").read_text())
+    assert got["step"] == 3 and got["checkpoint"].endswith("step-000003")
+    assert (got["eval_accuracy"], got["eval_size"]) == (own["eval_accuracy"], own["eval_size"])
+    nothing = subprocess.run([sys.executable, "-m", "scripts.eval_checkpoint", "--run-dir", str(tmp_path / "none")],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert nothing.returncode == 2 and "no checkpoint to evaluate" in nothing.stderr
+
+
 @pytest.mark.slow
 def test_report_to_wandb_offline_writes_a_run(tmp_path):
     pytest.importorskip("wandb", reason="wandb is an optional extra: pip install -e '.[wandb]'")
