@@ -73,9 +73,8 @@ _TEMPLATES = (  # {n}, {m}: two different names; {o}: a plural object; {a} + {b}
 
 
 def _word_problem(rng: random.Random, difficulty: int) -> tuple[str, str, int]:
-    """An addition of the given difficulty told as a word problem: (question, expression, answer)."""
-    if difficulty not in (1, 2, 3):
-        raise ValueError(f"word problems are sums: difficulty must be 1, 2 or 3, got {difficulty}")
+    """An addition of the given difficulty (1-3, checked by SyntheticArithmetic) told as a word problem:
+    (question, expression, answer)."""
     lo, hi = {1: (0, 9), 2: (10, 99), 3: (100, 999)}[difficulty]
     a, b = rng.randint(lo, hi), rng.randint(lo, hi)
     n, m = rng.sample(_NAMES, 2)
@@ -133,11 +132,9 @@ class SyntheticArithmetic:
                             + (":word" if self.phrasing == "word" else ""))
         for _ in range(10_000):
             if self.phrasing == "word":
-                question, expression, answer = _word_problem(rng, self.difficulty)
-                if _split_of(question) == self.split:
-                    return ArithmeticProblem(index, expression, answer, question)
-                continue
-            expression, answer = _problem(rng, self.difficulty)
-            if _split_of(expression) == self.split:
-                return ArithmeticProblem(index, expression, answer)
+                text, expression, answer = _word_problem(rng, self.difficulty)
+            else:
+                text, (expression, answer) = None, _problem(rng, self.difficulty)
+            if _split_of(text or expression) == self.split:  # a word problem's split: the whole question's
+                return ArithmeticProblem(index, expression, answer, text)
         raise RuntimeError("could not draw a problem for this split")  # unreachable with a 1/10 test share

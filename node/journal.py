@@ -381,7 +381,7 @@ class GroupJournal:
         for rec in st.rejected:
             rejected[str(rec.get("reason"))] += 1
         totals["duplicates"] += len(st.duplicates)
-        lines = [{"e": "summary", "next_id": max(st.next_id, max(self.live, default=-1) + 1),
+        lines = [{"e": "summary", "next_id": st.next_id,  # held groups' ids are in it: they have accepted records
                   "totals": {**totals, "dropped": dict(dropped), "rejected_by_reason": dict(rejected)}}]
         lines += [{"e": "life", "life": life, "resumed_from": r} for life, r in sorted(st.lives.items())]
         lines += [{"e": "checkpoint", "life": life, "step": c} for life, c in sorted(st.checkpoints.items())]

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from node.local import LOOPBACK, Proc, join_args
+from node.local import LOOPBACK, Proc, join_args, stop_all
 from node.metrics import read_metrics
 from node.sampler_stats import fold_sampler_stats
 
@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = (["--simulate-delay", "lognormal", "--delay-lower", str(args.slow_delay[0]), "--delay-upper",
                       str(args.slow_delay[1]), "--delay-offset", "0"] if slow else [])
             procs.append(Proc(["-m", "node.sampler", *join, "--state-dir", str(state_dir), "--batch-prompts", "4",
-                               "--seed", str(i), *ONE_THREAD, *LOOPBACK, *extra, *shlex.split(args.sampler_args)], run_dir / f"sampler-{i + 1}.log"))
+                               "--seed", str(i), *ONE_THREAD, *LOOPBACK, *extra, *shlex.split(args.sampler_args)],
+                              run_dir / f"sampler-{i + 1}.log"))
             samplers.append((name, state_dir))
         tty = sys.stdout.isatty()
         last_print = 0.0
@@ -183,8 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = True
         print("\ninterrupted: stopping every process", flush=True)
     finally:
-        for p in reversed(procs):  # samplers first: they write their stats on the way out
-            p.stop(timeout=120)  # a sampler finishes its batch first: a minute for a real model on a loaded CPU
+        # samplers first (together): they write their stats on the way out, after finishing their batch (a minute
+        # for a real model on a loaded CPU); then the learner, which finishes its step and checkpoints
+        stop_all(procs[1:], timeout=120)
+        if procs:
+            procs[0].stop(timeout=120)
     if procs and procs[0].popen.returncode not in (0, 130, None) and not interrupted:
         print(f"the learner failed (exit {procs[0].popen.returncode}); its log: {run_dir / 'learner.log'}")
         print(procs[0].tail(20))
