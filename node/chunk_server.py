@@ -51,9 +51,9 @@ logger = logging.getLogger(__name__)
 
 
 MAX_TRACKED_PEERS = 1024  # per version, for the rationer's "who took how many copies" (hoarding) count
-#: seconds a hoarder (below) has to pass on a chunk before the learner serves that chunk again regardless: an honest
-#: peer that happened to fetch most first copies (the first to ask, or a small version or delta that one peer gets
-#: in a burst) shares them within this time; without the grace its copies were re-served at once to everybody, and
+#: default seconds (``--hoard-grace``) a hoarder (below) has to pass on a chunk before the learner serves that chunk
+#: again regardless: an honest peer that happened to fetch most first copies (the first to ask, or a small version or
+#: delta that one peer gets in a burst) shares them within this time; without the grace its copies were re-served at once to everybody, and
 #: the learner, not the samplers, uploaded most bytes (issue 13's "samplers served 28 %" in make demo).
 HOARD_GRACE_S = 2.0
 RATIONED_OBJECTS = 16  # versions and deltas whose serve counts the rationer keeps (the newest ones)
@@ -68,8 +68,10 @@ def _recency(key) -> Tuple[int, int]:
 class ChunkRationer:
     """Per-version, per-chunk serve counts and times for the learner's "super-seeding"."""
 
-    def __init__(self, interval: Optional[float], upload_limit: Optional[float], min_interval: float = 5.0):
+    def __init__(self, interval: Optional[float], upload_limit: Optional[float], min_interval: float = 5.0,
+                 hoard_grace: float = HOARD_GRACE_S):
         self.fixed_interval = interval
+        self.hoard_grace = float(hoard_grace)
         self.upload_limit = upload_limit
         self.min_interval = min_interval
         self._state: Dict[int, Tuple[np.ndarray, np.ndarray, float]] = {}
@@ -133,13 +135,13 @@ class ChunkRationer:
         if requester is not None and not eligible.any() and lacking.any():
             # "ration stealing": a peer that fetches every first copy and shares none must not make everybody
             # else wait out the interval. A chunk whose every copy went to such hoarders is served again once the
-            # hoarders had HOARD_GRACE_S to pass it on (as an honest peer does).
+            # hoarders had ``hoard_grace`` s to pass it on (as an honest peer does).
             hoarders = self._hoarders(version, requester, len(counts))
             if hoarders:
                 served_to = self._served_to[version]
                 hoarded = [i for i in np.flatnonzero(lacking).tolist()
                            if requester not in served_to.get(i, ()) and set(served_to.get(i, ())) <= hoarders]
-                grace = min(HOARD_GRACE_S, interval / 2)
+                grace = min(self.hoard_grace, interval / 2)
                 if hoarded:
                     grace_wait = float(np.min(last[hoarded] + grace - now))
                 hoarded = [i for i in hoarded if now - last[i] >= grace]

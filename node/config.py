@@ -102,6 +102,9 @@ class SwarmConfig:
                                 "(off: serve every request)", role="learner")
     ration_interval: Optional[float] = option(None, "seconds before a chunk is served again (none: 2 x size / "
                                                     "upload limit, at least 5 s)", role="learner")
+    hoard_grace: float = option(2.0, "seconds a peer that took most first copies of a version has to pass a chunk "
+                                     "on before the learner serves that chunk to others again (at most half the "
+                                     "ration interval; longer on slow or loaded peers)", role="learner")
     max_chunk_bytes: int = option(64 * 1024**2, "largest weight chunk accepted", parse=parse_size, metavar="BYTES",
                                   role="sampler")
     chunk_requests_per_peer: float = option(200.0, "weight requests (chunk/have/manifest) per second one peer may "

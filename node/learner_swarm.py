@@ -96,7 +96,8 @@ class LearnerSwarm:
         self.delta_publisher = DeltaPublisher(self.identity, keyframe_every=config.keyframe_every,
                                               chunk_size=config.delta_chunk_size) if config.weight_deltas else None
         self.limiter = TokenBucket(config.upload_limit)
-        self.rationer = ChunkRationer(config.ration_interval, config.upload_limit) if config.ration else None
+        self.rationer = (ChunkRationer(config.ration_interval, config.upload_limit, hoard_grace=config.hoard_grace)
+                         if config.ration else None)
         self.chunk_server = ChunkServer(
             self.store, self.limiter, max_uploads=config.max_uploads, rpc_timeout=config.rpc_timeout,
             stall_timeout=config.stall_timeout, rationer=self.rationer, deltas=self.deltas,

@@ -282,6 +282,8 @@ if __name__ == "__main__":
         os.kill(server, signal.SIGSTOP)  # a stopped (or swapped-out, or stuck) fork server: no worker can be forked
         for worker in owner._workers:
             os.kill(worker.process.pid, signal.SIGKILL)
+            # dead before the call: a worker still dying when the call is handed to it is a "crash", not a launch
+            worker.process.join(10)
         if name == "scorer":
             report[name] = attempt(lambda: scorer.score(["1/2"], ["0.5"]))
         else:

@@ -43,7 +43,9 @@ def test_short_churn_soak_loses_nothing_and_trains_nothing_twice(tmp_path):
     assert fig["exits"]["unexpected"] == [], fig["exits"]
     assert fig["versions"]["ok"], fig["versions"]
     assert fig["restart_to_first_accepted"]["learner"]["n"] >= 2, fig["restart_to_first_accepted"]
-    assert all(m["peak_mb"] > 0 for m in fig["rss"].values()), fig["rss"]
+    # every node's main process was sampled (a helper caught while exiting may show a few KiB: 0.0 MB rounded)
+    nodes = {"learner", "sampler-1", "sampler-2", "sampler-3"}
+    assert nodes <= set(fig["rss"]) and all(fig["rss"][n]["peak_mb"] > 0 for n in nodes), fig["rss"]
     assert done.returncode == 0, fig["failures"]
 
 

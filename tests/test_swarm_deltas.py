@@ -18,7 +18,7 @@ import hashlib
 import pytest
 
 from node.fault_points import ENV
-from tests.swarm_helpers.procs import NodeProc, assert_helpers_exit, stop_all, wait_until
+from tests.swarm_helpers.procs import PATIENT_RATION, NodeProc, assert_helpers_exit, stop_all, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -188,7 +188,8 @@ def swarm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deltas")
     procs = []
     try:
-        learner = NodeProc(["learner", "--state", str(tmp / "L"), "--limit", "8e6", *SETTINGS], tmp / "learner.log")
+        learner = NodeProc(["learner", "--state", str(tmp / "L"), "--limit", "8e6", *PATIENT_RATION, *SETTINGS[1:]],
+                           tmp / "learner.log")
         procs.append(learner)
         ready = learner.wait_event("ready", 90)
         join = ["--peers", ready["maddrs"][0], "--learner-key", ready["key"]]

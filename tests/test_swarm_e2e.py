@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.swarm_helpers.procs import NodeProc, rollouts, settle, stop_all
+from tests.swarm_helpers.procs import PATIENT_RATION, NodeProc, rollouts, settle, stop_all
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -35,7 +35,8 @@ def swarm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("swarm")
     procs = []
     try:
-        learner = NodeProc(["learner", "--state", str(tmp / "L"), "--limit", "8e6"], tmp / "learner.log")
+        learner = NodeProc(["learner", "--state", str(tmp / "L"), "--limit", "8e6", *PATIENT_RATION],
+                           tmp / "learner.log")
         procs.append(learner)
         ready = learner.wait_event("ready", 90)
         maddr, key = ready["maddrs"][0], ready["key"]

@@ -20,6 +20,11 @@ from node.local import JsonProc, stop_all  # noqa: F401  (stop_all: re-exported 
 
 Pid = Tuple[int, float]  # (pid, creation time): names one process even if the PID is reused later
 
+#: learner flags for the tests that bound its upload per version: on a loaded 2-core machine honest samplers can take
+#: longer than the default 5 s interval / 2 s hoarding grace to pass a chunk on, and the learner then serves another
+#: copy (2.00x and 2.1x seen on loaded CI-like runs). ``--set`` comes last so a test can append more fields to it.
+PATIENT_RATION = ["--ration-interval", "15", "--set", "hoard_grace=6"]
+
 
 class NodeProc(JsonProc):
     def __init__(self, args: List[str], log_path: Path, netns: Optional[str] = None, env: Optional[dict] = None):
