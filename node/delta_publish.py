@@ -20,6 +20,7 @@ import logging
 import time
 from typing import List, Optional, Tuple
 
+from protocol._wire import digest
 from protocol.delta import DeltaManifest, encode_delta, encode_delta_manifest
 from protocol.identity import Identity
 from protocol.manifest import WeightManifest
@@ -42,6 +43,7 @@ class EncodedDelta:
 class _Version:
     manifest: WeightManifest
     buffer: memoryview
+    digest: bytes  # SHA-256 of the buffer, hashed once per version (every delta names its base's and target's)
 
 
 class DeltaPublisher:
@@ -57,6 +59,7 @@ class DeltaPublisher:
         self.since_keyframe = 0
         self.cumulative: List[Tuple[int, int]] = []  # keys of the cumulative deltas published, oldest first
         self.last_encode_s = 0.0
+        self._last_held: Optional[_Version] = None
 
     def encode(self, manifest: WeightManifest, buffer) -> Tuple[bool, List[EncodedDelta]]:
         """``(is_keyframe, deltas into manifest.version)``. Call :meth:`commit` once the version is published."""
@@ -64,13 +67,14 @@ class DeltaPublisher:
         if prev is None or key is None or prev.manifest.version >= manifest.version:
             return True, []  # the first version (or one republished after a restart)
         t0 = time.perf_counter()
+        target = self._held(manifest, buffer)
         deltas = []
-        step = self._encode(prev, manifest, buffer, cumulative=False)
+        step = self._encode(prev, target, cumulative=False)
         keyframe = step is None or self.since_keyframe + 1 >= self.keyframe_every  # None: the layout changed
         if step is not None and step.manifest.compressed_size < manifest.total_size:
             deltas.append(step)
         if not keyframe and key.manifest.version < prev.manifest.version:
-            cum = self._encode(key, manifest, buffer, cumulative=True)
+            cum = self._encode(key, target, cumulative=True)
             if cum is not None and cum.manifest.compressed_size < manifest.total_size:
                 deltas.append(cum)
         self.last_encode_s = time.perf_counter() - t0
@@ -82,7 +86,7 @@ class DeltaPublisher:
                ) -> List[Tuple[int, int]]:
         """Remember the version just published; returns the cumulative deltas now superseded (to drop: only those
         into the two newest versions are kept, a sampler wants the newest version)."""
-        held = _Version(manifest, memoryview(buffer).cast("B"))
+        held = self._held(manifest, buffer)
         self.prev = held
         if keyframe:
             self.keyframe, self.since_keyframe = held, 0
@@ -92,12 +96,21 @@ class DeltaPublisher:
         stale, self.cumulative = self.cumulative[:-2], self.cumulative[-2:]
         return stale
 
-    def _encode(self, base: _Version, manifest: WeightManifest, buffer, *, cumulative: bool) -> Optional[EncodedDelta]:
+    def _held(self, manifest: WeightManifest, buffer) -> _Version:
+        """The version as this publisher keeps it (hashed once: encode and commit see the same version)."""
+        if self._last_held is None or self._last_held.manifest is not manifest:
+            mv = memoryview(buffer).cast("B")
+            self._last_held = _Version(manifest, mv, digest(mv))
+        return self._last_held
+
+    def _encode(self, base: _Version, target: _Version, *, cumulative: bool) -> Optional[EncodedDelta]:
+        manifest = target.manifest
         chunk = self.chunk_size
         while -(-manifest.total_size // chunk) > MAX_DELTA_CHUNKS:
             chunk *= 2
         try:
-            m, chunks = encode_delta(base.manifest, base.buffer, manifest, buffer, chunk_size=chunk)
+            m, chunks = encode_delta(base.manifest, base.buffer, manifest, target.buffer, chunk_size=chunk,
+                                     base_digest=base.digest, target_digest=target.digest)
         except ValueError as e:  # a layout change: this version becomes a keyframe
             logger.info("no delta %d -> %d: %s", base.manifest.version, manifest.version, e)
             return None

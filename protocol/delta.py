@@ -152,22 +152,45 @@ class DeltaManifest:
 # ---------------------------------------------------------------------------------------------------------------------
 # the transform: XOR, then byte planes per tensor (its own inverse up to the plane order)
 # ---------------------------------------------------------------------------------------------------------------------
-def _planes(tensors: Sequence[TensorEntry], stream: np.ndarray, *, inverse: bool) -> np.ndarray:
-    """Byte-plane split (or its inverse) of every multi-byte tensor's bytes in ``stream``; other bytes (alignment
-    padding, files, 1-byte dtypes) stay where they are."""
-    out = stream.copy()
-    for t in tensors:
+def _planes(tensors: Sequence[TensorEntry], stream: np.ndarray, *, inverse: bool,
+            out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Byte-plane split (or its inverse) of every multi-byte tensor's bytes in ``stream``, into ``out`` (a new array
+    if None; never ``stream`` itself); other bytes (alignment padding, files, 1-byte dtypes) are copied as they are.
+
+    One strided slice assignment per plane: numpy's ``reshape(n, size).T.reshape(-1)`` does the same transpose
+    byte by byte, 2x slower forward and ~25x slower for the inverse (4.7 s for SmolLM2's 269 MB, the bulk of
+    apply_delta's time)."""
+    out = np.empty_like(stream) if out is None else out
+    split = sorted((t for t in tensors if DTYPE_SIZES[t.dtype] > 1 and t.numel), key=lambda t: t.offset)
+    done = 0  # bytes outside the split tensors are copied as they are
+    for t in split:
+        out[done:t.offset] = stream[done:t.offset]
+        done = t.offset + t.nbytes
+    out[done:] = stream[done:]
+    for t in split:
         size = DTYPE_SIZES[t.dtype]
-        if size == 1 or t.numel == 0:
-            continue
         region = stream[t.offset:t.offset + t.nbytes]
-        shape = (size, t.numel) if inverse else (t.numel, size)
-        out[t.offset:t.offset + t.nbytes] = region.reshape(shape).T.reshape(-1)
+        elements = out[t.offset:t.offset + t.nbytes].reshape(t.numel, size)  # interleaved: one row per element
+        source = region.reshape(t.numel, size)
+        for k in range(size):
+            plane = slice(k * t.numel, (k + 1) * t.numel)
+            if inverse:
+                elements[:, k] = region[plane]
+            else:
+                out[t.offset + plane.start:t.offset + plane.stop] = source[:, k]
     return out
 
 
-def _xor(a: memoryview, b: memoryview) -> np.ndarray:
-    return np.bitwise_xor(np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8))
+def _xor(a: memoryview, b: memoryview, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``a ^ b`` as uint8, 8 bytes at a time (uint8 XOR is ~4x slower), into ``out`` if given (it may be ``a``'s or
+    ``b``'s own array: the operation is element-wise)."""
+    x, y = np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8)
+    out = np.empty(len(x), dtype=np.uint8) if out is None else out
+    words = len(x) // 8 * 8
+    if words:
+        np.bitwise_xor(x[:words].view(np.uint64), y[:words].view(np.uint64), out=out[:words].view(np.uint64))
+    np.bitwise_xor(x[words:], y[words:], out=out[words:])
+    return out
 
 
 def _same_layout(base: WeightManifest, target: WeightManifest) -> None:
@@ -190,11 +213,15 @@ def encode_delta(
     level: int = DEFAULT_LEVEL,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     created_at: Optional[float] = None,
+    base_digest: Optional[bytes] = None,
+    target_digest: Optional[bytes] = None,
 ) -> Tuple[DeltaManifest, List[bytes]]:
     """The delta that turns ``base``'s buffer into ``target``'s: (unsigned manifest, compressed chunks).
 
     ``base`` is any earlier version with the same layout: the previous version gives the per-step delta, a
-    keyframe gives the cumulative delta keyframe -> target. Sign with :func:`encode_delta_manifest`."""
+    keyframe gives the cumulative delta keyframe -> target. Sign with :func:`encode_delta_manifest`.
+    ``base_digest`` / ``target_digest``: the buffers' SHA-256 when the caller has them (the learner hashes each
+    version once, not once per delta it takes part in: 0.3-0.4 s each for a 269 MB version)."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r} (known: {CODECS})")
     if not base.version < target.version:
@@ -216,8 +243,8 @@ def encode_delta(
         version=target.version,
         created_at=time.time() if created_at is None else float(created_at),
         codec=codec,
-        base_digest=digest(bmv),
-        target_digest=digest(tmv),
+        base_digest=digest(bmv) if base_digest is None else base_digest,
+        target_digest=digest(tmv) if target_digest is None else target_digest,
         tensors=target.tensors,
         total_size=target.total_size,
         chunk_size=int(chunk_size),
@@ -259,6 +286,8 @@ def apply_delta(manifest: DeltaManifest, base_buffer, chunks: Sequence, *, base_
     zstd = _zstd()
     decompressor = zstd.ZstdDecompressor()
     stream = np.empty(manifest.total_size, dtype=np.uint8)
+    out = bytearray(manifest.total_size)  # the result, filled in place (no copy of the whole version at the end)
+    result = np.frombuffer(out, dtype=np.uint8)
     for i, chunk in enumerate(chunks):
         verify_delta_chunk(manifest, i, chunk)
         start, end = manifest.raw_range(i)
@@ -270,9 +299,8 @@ def apply_delta(manifest: DeltaManifest, base_buffer, chunks: Sequence, *, base_
             raise ProtocolError(Reason.MALFORMED, f"delta chunk {i} decompresses to {len(raw)} bytes, expected {end - start}")
         stream[start:end] = np.frombuffer(raw, dtype=np.uint8)
     if manifest.codec == "xor-planes-zstd":
-        stream = _planes(manifest.tensors, stream, inverse=True)
-    np.bitwise_xor(stream, np.frombuffer(bmv, dtype=np.uint8), out=stream)
-    out = bytearray(stream.data)
+        stream = _planes(manifest.tensors, stream, inverse=True, out=result)
+    _xor(stream, bmv, out=result)
     if digest(out) != manifest.target_digest:
         raise ProtocolError(Reason.HASH_MISMATCH, f"version {manifest.version} rebuilt from the delta does not match its digest")
     return out

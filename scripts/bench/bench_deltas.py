@@ -11,9 +11,12 @@ the second measures them on one thread:
   / the full bf16 size.
 * ``catchup_ratio_L``: a sampler L versions behind the target: the cheapest of the chain of L deltas and the
   cumulative delta (v-L -> v, one encode_delta) / full size; the chain and cumulative figures are reported too.
-* ``encode_s_*`` / ``apply_s_*``: wall time of encode_delta and apply_delta (apply includes every hash check and
-  the base digest), per version and as GB/s; ``overhead_vs_step``: (encode + apply) / the learner's step time
-  measured in the same run.
+* ``encode_s_*`` / ``apply_s_*``: wall time of encode_delta and apply_delta as the nodes call them (the learner
+  names the digests it hashed once per version: ``hash_s_median``; the sampler's base is already verified, apply
+  checks every chunk and the result's digest), per version and as GB/s; ``publisher_s_median``: all the learner
+  does per version (node.delta_publish.DeltaPublisher.encode: one hash, the step delta and the cumulative delta
+  from the keyframe); ``overhead_vs_step``: (encode + apply) / the learner's step time (from the versions' run);
+  ``publisher_and_apply_vs_step``: (publisher + apply) / step.
 * ``alternatives``: on a few versions, ratio and encode throughput of XOR + zlib (the baseline), XOR + zstd at
   several levels, byte planes + zstd, bit-shuffle + zstd and a sparse index+value form.
 """
@@ -35,10 +38,14 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import zstandard  # noqa: E402
 
-from protocol.delta import apply_delta, encode_delta  # noqa: E402
+from node.delta_publish import DeltaPublisher  # noqa: E402
+from protocol._wire import digest  # noqa: E402
+from protocol.delta import DEFAULT_CHUNK_SIZE, apply_delta, encode_delta  # noqa: E402
+from protocol.identity import Identity  # noqa: E402
 from protocol.manifest import RawTensor, build_manifest  # noqa: E402
 
 LAGS = (1, 4, 16, 64)
+KEYFRAME_EVERY = 10  # the learner's default --keyframe-every
 
 
 def load_versions(folder: Path):
@@ -129,15 +136,29 @@ def main(argv=None) -> None:
     n = len(versions) - 1
     print(f"{n + 1} versions of {full / 1e6:.1f} MB (bf16) from {folder}")
 
-    sizes, enc_s, app_s = [], [], []
+    # As the nodes call them: the learner hashes each version once and names the digests in every delta it encodes
+    # (node/delta_publish.py: the step delta and, between keyframes, the cumulative one); a sampler applies with its
+    # base already verified (node/catchup.py passes base_digest), so the result's hash is the one full hash left.
+    publisher = DeltaPublisher(Identity.generate(), keyframe_every=KEYFRAME_EVERY, chunk_size=DEFAULT_CHUNK_SIZE)
+    publisher.commit(*versions[0], True, [])
+    sizes, enc_s, app_s, hash_s, pub_s = [], [], [], [], []
+    base_digest, _ = timed(lambda: digest(versions[0][1]))
     for v in range(1, n + 1):
-        (d, chunks), te = timed(lambda: encode_delta(*versions[v - 1], *versions[v]))
-        out, ta = timed(lambda: apply_delta(d, versions[v - 1][1], chunks))
+        target_digest, th = timed(lambda: digest(versions[v][1]))
+        (d, chunks), te = timed(lambda: encode_delta(*versions[v - 1], *versions[v], base_digest=base_digest,
+                                                     target_digest=target_digest))
+        out, ta = timed(lambda: apply_delta(d, versions[v - 1][1], chunks, base_digest=base_digest))
         assert out == versions[v][1], f"version {v} did not round-trip"
+        (keyframe, deltas), tp = timed(lambda: publisher.encode(*versions[v]))
+        publisher.commit(*versions[v], keyframe, deltas)
+        base_digest = target_digest
         sizes.append(d.compressed_size)
         enc_s.append(te)
         app_s.append(ta)
-        print(f"v{v - 1}->v{v}: {d.compressed_size / full:.4%}  encode {te:.2f} s  apply {ta:.2f} s")
+        hash_s.append(th)
+        pub_s.append(tp)
+        print(f"v{v - 1}->v{v}: {d.compressed_size / full:.4%}  encode {te:.2f} s  apply {ta:.2f} s  hash {th:.2f} s  "
+              f"learner's deltas into v{v} ({len(deltas)}) {tp:.2f} s")
 
     catchup = {}
     for lag in LAGS:
@@ -185,8 +206,11 @@ def main(argv=None) -> None:
         **{f"catchup_ratio_{lag}": c["best_ratio_median"] for lag, c in catchup.items()},
         "encode_s_median": statistics.median(enc_s), "apply_s_median": statistics.median(app_s),
         "encode_gb_s": full / 1e9 / statistics.median(enc_s), "apply_gb_s": full / 1e9 / statistics.median(app_s),
+        "hash_s_median": statistics.median(hash_s), "publisher_s_median": statistics.median(pub_s),
         "learner_step_s_median": step_s,
         "overhead_vs_step": None if step_s is None else (statistics.median(enc_s) + statistics.median(app_s)) / step_s,
+        "publisher_and_apply_vs_step": None if step_s is None else (
+            statistics.median(pub_s) + statistics.median(app_s)) / step_s,
         "alternatives": alternatives, "alternatives_on_versions": picks, "alternatives_sampled_bytes": sampled,
     }
     print(json.dumps({k: v for k, v in result.items() if k not in ("delta_ratios", "alternatives", "catchup")}, indent=1))
