@@ -186,3 +186,16 @@ def test_state_digest_names_the_weights():
     assert state_digest(a) == state_digest(dict(reversed(list(a.items()))))
     assert state_digest(a) != state_digest({**a, "w": torch.ones(2, 2).to(torch.bfloat16)})
     assert state_digest(a) != state_digest({**a, "b": torch.tensor([0.0, 1e-30])})
+
+
+def test_publish_adapter_without_lora_is_a_one_line_usage_error(tmp_path):
+    import subprocess
+    import sys
+
+    from node.local import REPO
+
+    out = subprocess.run([sys.executable, "-m", "node.learner", "--publish-adapter", "--online", "--run-dir",
+                          str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert len(errors) == 1 and "--publish-adapter needs --lora-r > 0" in errors[0], out.stderr[-2000:]
