@@ -196,6 +196,8 @@ class Sampler:
         self.info = RunInfo.from_json(read_run_file(manifest, buffer))
         device = resolve_device(self.cfg.device)
         dtype = resolve_dtype(self.cfg.dtype, device)
+        if weights.state is not None and self.cfg.backend != "hf":
+            raise self._adapter_needs_hf(version)
         model, tokenizer = model_from_manifest(manifest, buffer, self.state_dir / "model", device, dtype)
         if self.cfg.backend == "vllm":
             from node.vllm_backend import VLLMBackend
@@ -237,11 +239,15 @@ class Sampler:
 
     def _load_adapter_version(self, weights: Any) -> None:
         if not hasattr(self.backend, "load_state"):
-            raise ConfigError(f"version {weights.version} is a LoRA adapter version (learner --publish-adapter): "
-                              f"it needs --backend hf")
+            raise self._adapter_needs_hf(weights.version)
         self.backend.load_state(weights.state, weights.version)
         self.merged_names = list(weights.state)
         log.info("policy version %d: %s, merged", weights.version, weights.adapter.describe())
+
+    @staticmethod
+    def _adapter_needs_hf(version: int) -> ConfigError:
+        return ConfigError(f"version {version} is a LoRA adapter version (learner --publish-adapter): it needs "
+                           f"--backend hf (vLLM's LoRA loading is not wired)")
 
     def too_stale(self) -> bool:
         """True when the learner (per its heartbeat) is more than max_staleness versions past ours."""
