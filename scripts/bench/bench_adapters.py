@@ -14,7 +14,9 @@ every step the script lays out, exactly as the learner publishes them (node/adap
 * the full version: the merged policy rounded to bf16, with the model's config and tokenizer files;
 * its delta from the previous full version (XOR + byte planes + zstd-1);
 * the adapter version: lora_A / lora_B of every target in bf16 (no files: they come with the base);
-* its delta from the previous adapter version.
+* its delta from the previous adapter version;
+
+and, after the last step, both kinds' cumulative delta from the first version (a sampler ``--steps - 1`` behind).
 
 Sizes are deterministic for full and adapter versions; deltas are medians over the steps after the first.
 """
@@ -61,7 +63,7 @@ def measure(model: str | None, rank: int, steps: int, lr: float, batch_rows: int
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr)
     adapters = AdapterVersions(torch.bfloat16)
     adapters.published(0, BASE_DIGEST, policy)
-    prev_full = prev_adapter = None
+    prev_full = prev_adapter = first_full = first_adapter = None
     rows = []
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
@@ -80,6 +82,8 @@ def measure(model: str | None, rank: int, steps: int, lr: float, batch_rows: int
         if prev_full is not None:
             row["full_delta_bytes"] = encode_delta(*prev_full, *full)[0].compressed_size
             row["adapter_delta_bytes"] = encode_delta(*prev_adapter, *adapter)[0].compressed_size
+        else:
+            first_full, first_adapter = full, adapter
         prev_full, prev_adapter = full, adapter
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -91,6 +95,9 @@ def measure(model: str | None, rank: int, steps: int, lr: float, batch_rows: int
         "full_delta_bytes_median": statistics.median(r["full_delta_bytes"] for r in later),
         "adapter_delta_bytes_median": statistics.median(r["adapter_delta_bytes"] for r in later),
     }
+    # catching up from the first version to the last: the cumulative delta (as from a keyframe) grows with the lag
+    summary["full_cumulative_bytes"] = encode_delta(*first_full, *prev_full)[0].compressed_size
+    summary["adapter_cumulative_bytes"] = encode_delta(*first_adapter, *prev_adapter)[0].compressed_size
     summary["adapter_vs_full"] = summary["adapter_bytes"] / full_bytes
     summary["full_delta_vs_full"] = summary["full_delta_bytes_median"] / full_bytes
     summary["adapter_delta_vs_adapter"] = summary["adapter_delta_bytes_median"] / summary["adapter_bytes"]
@@ -113,7 +120,9 @@ def main(argv=None) -> None:
         print(f"r={s['rank']:>2} ({s['targets']} modules): full {s['full_bytes'] / 1e6:.2f} MB, its delta "
               f"{s['full_delta_bytes_median'] / 1e6:.3f} MB ({s['full_delta_vs_full']:.2%}); adapter "
               f"{s['adapter_bytes'] / 1e6:.3f} MB ({s['adapter_vs_full']:.2%}), its delta "
-              f"{s['adapter_delta_bytes_median'] / 1e6:.3f} MB ({s['adapter_delta_vs_adapter']:.0%} of the adapter)")
+              f"{s['adapter_delta_bytes_median'] / 1e6:.3f} MB ({s['adapter_delta_vs_adapter']:.0%} of the adapter); "
+              f"{s['steps'] - 1} behind: full {s['full_cumulative_bytes'] / 1e6:.3f} MB, adapter "
+              f"{s['adapter_cumulative_bytes'] / 1e6:.3f} MB")
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model or "tiny", "results": results}, indent=1))
 
