@@ -23,8 +23,8 @@ from typing import Any, Optional, Sequence, Tuple
 from ._wire import HASH_BYTES, req_bin, req_float, req_int, req_list, req_map, req_str
 from .errors import ProtocolError, Reason
 
-__all__ = ["ADAPTER_ENCODING", "AdapterInfo", "decode_adapter", "check_adapter_tensors", "check_base",
-           "adapter_tensor_names"]
+__all__ = ["ADAPTER_ENCODING", "AdapterInfo", "decode_adapter", "validate_adapter", "check_adapter_tensors",
+           "check_base", "adapter_tensor_names", "base_of"]
 
 ADAPTER_ENCODING = "lora"
 _KEYS = frozenset({"base", "base_digest", "scaling", "rank", "targets"})
