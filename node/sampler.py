@@ -46,10 +46,10 @@ def _import_sampling_stack() -> None:
 
     from gepo.sampling import generate_groups
     from node.adapters import policy_weights
-    from protocol.errors import ProtocolError
     from node.model_io import load_weights, model_from_manifest, read_run_file, resolve_device, resolve_dtype
     from node.run_info import RunInfo
     from protocol import rollout as wire
+    from protocol.errors import ProtocolError
 
 
 log = logging.getLogger("node.sampler")
@@ -232,6 +232,7 @@ class Sampler:
             return
         if weights.state is None:
             self.backend.load(weights.manifest, weights.buffer)
+            self.merged_names = []
         else:
             self._load_adapter_version(weights)
         self.version, self.loaded_at = newest, time.monotonic()
