@@ -246,6 +246,11 @@ class Learner:
         self.last_eval: float | None = None
         self.last_metrics: dict[str, Any] = {}  # the latest step's, for the heartbeat (node.monitor's plots)
         self.swarm = None
+        self.adapter_versions = None  # --publish-adapter: node/adapters.py
+        if policy.publish_adapter:
+            from node.adapters import AdapterVersions
+
+            self.adapter_versions = AdapterVersions(self.publish_dtype)
         self.stop = stop or GracefulStop()
         # Each pushed group's prompt is checked against its digest; caching the 32-byte digest rather than the token
         # ids keeps this bounded cache at ~11 MB instead of ~34 MB (the 30-minute soak's RSS growth, BENCHMARKS).
@@ -413,8 +418,12 @@ class Learner:
     def publish(self) -> None:
         from protocol.records import milli_counters
 
-        tensors = ps.published_tensors(self.model, self.publish_dtype)  # master weights (LoRA: merged), rounded
-        files = {**policy_files(self.model, self.tokenizer), **run_file(self.run_info().to_json())}
+        adapter = None
+        if self.adapter_versions is not None and self.adapter_versions.base is not None:  # --publish-adapter
+            (tensors, adapter), files = self.adapter_versions.tensors(self.model), None
+        else:
+            tensors = ps.published_tensors(self.model, self.publish_dtype)  # master weights (LoRA: merged), rounded
+            files = {**policy_files(self.model, self.tokenizer), **run_file(self.run_info().to_json())}
         t0 = time.perf_counter()
         self.swarm.report(step=self.state.step, stale=self.counters["dropped_stale"],  # heartbeat: node.monitor
                           tokens=self.counters["tokens_trained"], banned=len(self.intake.bans.bans),
@@ -425,9 +434,13 @@ class Learner:
         self.intake.published(self.version, self.model)
         guard = self.publish_guard
         guard.before_visible(self.version)  # write-ahead: a kill from here on never lets this number be reused
-        self.swarm.publish_state(self.version, tensors, files=files,
-                                 parent=self.version - self.cfg.publish_every if self.version else None)
+        data = self.swarm.publish_state(self.version, tensors, files=files, adapter=adapter,
+                                        parent=self.version - self.cfg.publish_every if self.version else None)
         guard.after_visible(self.version)
+        if self.adapter_versions is not None:
+            from protocol.manifest import manifest_digest
+
+            self.adapter_versions.published(self.version, manifest_digest(data), self.model)
         self.counters["published"] += 1
         log.debug("published version %d in %.2fs", self.version, time.perf_counter() - t0)
 

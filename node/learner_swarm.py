@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from protocol.adapter import AdapterInfo
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
 from protocol.manifest import build_manifest, decode_manifest, encode_manifest
@@ -259,14 +260,16 @@ class LearnerSwarm:
         meta: Optional[Mapping[str, Any]] = None,
         parent: Optional[int] = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        adapter: Optional[AdapterInfo] = None,
     ) -> bytes:
         """Lay out ``tensors`` (+ ``files``) with :func:`protocol.manifest.build_manifest`, sign, publish.
         Returns the signed manifest bytes. The chunk size is raised (powers of two) if the version would otherwise
-        have more chunks than a :class:`protocol.records.ChunkHave` bitmap can describe."""
+        have more chunks than a :class:`protocol.records.ChunkHave` bitmap can describe. With ``adapter``,
+        ``tensors`` are a LoRA adapter version's factors over that base version (:mod:`protocol.adapter`)."""
         while True:
             manifest, buf = build_manifest(
                 tensors, run_id=self.config.run_id, version=version, parent=parent, chunk_size=chunk_size,
-                files=files, meta=meta,
+                files=files, meta=meta, adapter=adapter,
             )
             if manifest.n_chunks <= MAX_HAVE_CHUNKS:
                 break

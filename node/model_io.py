@@ -129,14 +129,18 @@ def model_from_manifest(manifest: WeightManifest, buffer: Any, cache_dir: str | 
 
 def load_weights(model: torch.nn.Module, manifest: WeightManifest, buffer: Any) -> None:
     """Copy a version's tensors into `model` (same architecture); only tied duplicates may be absent."""
-    state = torch_state_dict(manifest, buffer, copy=True)
+    load_state(model, torch_state_dict(manifest, buffer, copy=True), manifest.version)
+
+
+def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], version: int) -> None:
+    """Copy a version's state dict into `model` (cast to its dtype); only tied duplicates may be absent."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
-        raise ModelLoadError(f"version {manifest.version} has tensors the model lacks: {unexpected[:5]}")
+        raise ModelLoadError(f"version {version} has tensors the model lacks: {unexpected[:5]}")
     if missing:
         # Tied duplicates (lm_head.weight of a tied model) are absent by design: policy_tensors lists them once.
         primary = {name for name, _ in model.named_parameters(remove_duplicate=True)}
         primary |= {name for name, _ in model.named_buffers(remove_duplicate=True)}
         really_missing = [m for m in missing if m in primary]
         if really_missing:
-            raise ModelLoadError(f"version {manifest.version} lacks tensors: {really_missing[:5]}")
+            raise ModelLoadError(f"version {version} lacks tensors: {really_missing[:5]}")

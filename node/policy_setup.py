@@ -7,7 +7,8 @@ prompt-length limit and the weights it publishes.
                   the fp32 adapters train; checkpoints hold the adapters, versions the merged policy.
     reference     --beta > 0: a frozen policy in the compute dtype (--ref-model, or the starting weights --model;
                   with LoRA the base with its adapters switched off), prepared like the policy under accelerate.
-    published     the master weights (LoRA: merged) rounded once to --publish-dtype.
+    published     the master weights (LoRA: merged) rounded once to --publish-dtype; with --publish-adapter the
+                  first version so, later ones as the adapters only (node/adapters.py).
 
 Heavy imports (torch, transformers, peft) happen inside the functions: the flag table loads without them.
 """
@@ -57,6 +58,9 @@ class PolicyConfig:
     lora_target_modules: list[str] = option(default_factory=lambda: ["all-linear"],
                                             help="module names to adapt, e.g. q_proj v_proj (all-linear: every "
                                                  "linear layer but the output head)")
+    publish_adapter: bool = option(False, "with --lora-r: publish the first version in full (the base, fetched "
+                                          "once) and every later one as its LoRA adapters only, in --publish-dtype "
+                                          "(samplers merge them; HF backend only)")
 
     def __post_init__(self) -> None:
         for name in ("warmup_steps", "max_prompt_length", "lora_r"):
@@ -66,6 +70,8 @@ class PolicyConfig:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora_r and not self.lora_target_modules:
             raise ValueError("--lora-target-modules needs at least one module name")
+        if self.publish_adapter and not self.lora_r:
+            raise ValueError("--publish-adapter needs --lora-r > 0 (it publishes the LoRA adapters)")
 
     @property
     def lora(self) -> bool:

@@ -40,14 +40,16 @@ def _import_sampling_stack() -> None:
     that `--help` and a bad argument answer in about a second. They become this module's globals, as a top-level
     import would make them."""
     global np, torch, generate_groups, load_weights, model_from_manifest, read_run_file, resolve_device
-    global resolve_dtype, RunInfo, wire
+    global resolve_dtype, RunInfo, wire, policy_weights, ProtocolError
     import numpy as np
     import torch
 
     from gepo.sampling import generate_groups
+    from node.adapters import policy_weights
     from node.model_io import load_weights, model_from_manifest, read_run_file, resolve_device, resolve_dtype
     from node.run_info import RunInfo
     from protocol import rollout as wire
+    from protocol.errors import ProtocolError
 
 
 log = logging.getLogger("node.sampler")
@@ -116,6 +118,12 @@ class HFBackend:
     def load(self, manifest: Any, buffer: Any) -> None:
         load_weights(self.model, manifest, buffer)
 
+    def load_state(self, state: dict[str, Any], version: int) -> None:
+        """A LoRA adapter version's merged weights (node/adapters.py)."""
+        from node.model_io import load_state
+
+        load_state(self.model, state, version)
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GeneratedGroup]:
         with torch.no_grad():
             return generate_groups(self.model, prompts, params, eos=self.tokenizer,
@@ -141,6 +149,8 @@ class Sampler:
         self.sent = 0
         self.tokens = 0
         self.backend: Any = None
+        self.refused: int | None = None  # the adapter version last refused (logged once)
+        self.merged_names: list[str] = []  # tensors of the last adapter version loaded (for stats.json)
         self.info: RunInfo | None = None
         self.stop = stop or GracefulStop()
 
@@ -181,10 +191,13 @@ class Sampler:
                           f"from an earlier run): if the new learner is yours, restart with --learner-key {other}")
 
     def _load_first(self, version: int) -> None:
-        manifest, buffer = self.swarm.get_weights(version)
+        weights = policy_weights(self.swarm, version)  # an adapter version: its base's files, merged weights
+        manifest, buffer = weights.manifest, weights.buffer
         self.info = RunInfo.from_json(read_run_file(manifest, buffer))
         device = resolve_device(self.cfg.device)
         dtype = resolve_dtype(self.cfg.dtype, device)
+        if weights.state is not None and self.cfg.backend != "hf":
+            raise self._adapter_needs_hf(version)
         model, tokenizer = model_from_manifest(manifest, buffer, self.state_dir / "model", device, dtype)
         if self.cfg.backend == "vllm":
             from node.vllm_backend import VLLMBackend
@@ -193,6 +206,8 @@ class Sampler:
                                        gpu_memory_utilization=self.cfg.gpu_memory_utilization)
         else:
             self.backend = HFBackend(model, tokenizer)
+        if weights.state is not None:
+            self._load_adapter_version(weights)
         self.tokenizer = tokenizer
         self.version, self.loaded_at = version, time.monotonic()
         log.info("policy version %d loaded (%d prompts, G=%d, temperature %.2f)", version, len(self.info.prompts),
@@ -207,12 +222,33 @@ class Sampler:
         if time.monotonic() - self.loaded_at < delay:
             return
         try:
-            manifest, buffer = self.swarm.get_weights(newest)
+            weights = policy_weights(self.swarm, newest)
         except KeyError:  # pruned between the two calls; the next batch picks up whatever is newest then
             return
-        self.backend.load(manifest, buffer)
+        except ProtocolError as exc:  # an adapter version over another base than the one held
+            if self.refused != newest:
+                log.error("%s", exc)
+                self.refused = newest
+            return
+        if weights.state is None:
+            self.backend.load(weights.manifest, weights.buffer)
+            self.merged_names = []
+        else:
+            self._load_adapter_version(weights)
         self.version, self.loaded_at = newest, time.monotonic()
         log.debug("switched to policy version %d", newest)
+
+    def _load_adapter_version(self, weights: Any) -> None:
+        if not hasattr(self.backend, "load_state"):
+            raise self._adapter_needs_hf(weights.version)
+        self.backend.load_state(weights.state, weights.version)
+        self.merged_names = list(weights.state)
+        log.info("policy version %d: %s, merged", weights.version, weights.adapter.describe())
+
+    @staticmethod
+    def _adapter_needs_hf(version: int) -> ConfigError:
+        return ConfigError(f"version {version} is a LoRA adapter version (learner --publish-adapter): it needs "
+                           f"--backend hf (vLLM's LoRA loading is not wired)")
 
     def too_stale(self) -> bool:
         """True when the learner (per its heartbeat) is more than max_staleness versions past ours."""
@@ -284,6 +320,11 @@ class Sampler:
         try:  # what this sampler did, for `make demo`'s summary and for the volunteer
             stats = {**self.swarm.stats(), "policy_version": self.version, "sent": self.sent,
                      "public_key": self.swarm.public_key_str}
+            if self.merged_names:  # which weights an adapter version gave the model (node/adapters.py)
+                from node.adapters import state_digest
+
+                held = self.backend.model.state_dict()
+                stats["merged_digest"] = state_digest({n: held[n] for n in self.merged_names})
             (self.state_dir / "stats.json").write_text(json.dumps(stats, default=str, indent=1))
         except Exception as exc:  # noqa: BLE001 - never let reporting break shutdown
             log.debug("could not write stats.json: %r", exc)

@@ -506,6 +506,8 @@ class SamplerSwarm:
         try:
             data = await self.get_manifest(version, digest)
             manifest = self._decode_manifest(data, version, digest)
+            if manifest.adapter is not None:  # a LoRA adapter version: its base first (fetched once, then kept)
+                await self._ensure_base(manifest)
             plan = await self.catchup.plan(manifest, digest) if self.config.weight_deltas else None
             if plan is not None and plan.uses_deltas:
                 vb = await self.catchup.run(plan, manifest, data)
@@ -538,6 +540,16 @@ class SamplerSwarm:
         if manifest.run_id != self.config.run_id or manifest.version != version:
             raise ValueError(f"manifest is for run {manifest.run_id!r} version {manifest.version}")
         return manifest
+
+    async def _ensure_base(self, manifest: WeightManifest) -> None:
+        """Hold the full base version an adapter version names (by the SHA-256 of its signed manifest)."""
+        info = manifest.adapter
+        held = self.store.get(info.base_version)
+        if held is not None and held.complete and held.digest == info.base_digest:
+            return
+        logger.info("version %d is a LoRA adapter over base version %d: fetching the base", manifest.version,
+                    info.base_version)
+        await self.download_version(info.base_version, info.base_digest)
 
     async def download_version(self, version: int, digest: bytes) -> VersionBuffer:
         """Fetch the full version whose signed manifest has SHA-256 ``digest`` (resuming a partial one on disk)."""

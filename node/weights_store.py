@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from protocol.adapter import base_of
 from protocol.manifest import WeightManifest, manifest_digest, verify_chunk
 from protocol.errors import ProtocolError
 
@@ -324,12 +325,15 @@ class WeightStore:
     def _prune(self) -> None:
         done = sorted(v for v, vb in self._versions.items() if vb.complete)
         keep_done = set(done[-self.keep:]) | {self.pinned}
+        # the base versions of kept LoRA adapter versions (protocol/adapter.py) stay while those refer to them
+        bases = {base_of(vb.manifest) for v, vb in self._versions.items() if v in keep_done or not vb.complete}
+        keep_done |= bases - {None}
         newest = done[-1] if done else None
         for v in list(self._versions):
             vb = self._versions[v]
             if vb.complete and v not in keep_done:
                 self._drop(v)
-            elif not vb.complete and newest is not None and v < newest and v != self.pinned:
+            elif not vb.complete and newest is not None and v < newest and v != self.pinned and v not in bases:
                 self._drop(v)
         self._zombies = [z for z in self._zombies if not z.close()]
 

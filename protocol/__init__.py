@@ -7,6 +7,7 @@ Modules:
     protocol.identity  Identity, parse_public_key, format_public_key, verify_signature
     protocol.rollout   RolloutGroup, SamplingParams, Limits, encode_group, decode_group, read_sender, wire_size
     protocol.manifest  WeightManifest, build_manifest, encode_manifest, decode_manifest, verify_chunk, ...
+    protocol.adapter   AdapterInfo, check_base: LoRA adapter versions (the signed ``adapter`` field of a manifest)
     protocol.records   LearnerHeartbeat, SamplerStatus, ChunkHave, Ed25519OwnerValidator, ... (imports hivemind)
     protocol.validate  RolloutValidator, ValidatorConfig, ReplayWindow, PromptTable
 

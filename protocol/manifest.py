@@ -19,8 +19,9 @@ Wire format v1 (see docs/PROTOCOL.md)::
     DOMAIN = b"gepo-swarm/manifest/v1\\x00"
 
 Dtypes travel by name (:data:`DTYPE_SIZES`); bfloat16 and float8 stay raw bytes end to end. ``encoding`` is
-``"raw"`` in v1; the ``parent``/``base_digest`` fields leave room for a delta encoding against the parent version
-(decoders reject encodings they do not know with ``UNKNOWN_VERSION``).
+``"raw"`` for a full version, ``"lora"`` for a LoRA adapter version (its tensors are the adapter factors over a
+base version named in the signed ``adapter`` field: :mod:`protocol.adapter`); decoders reject encodings they do not
+know with ``UNKNOWN_VERSION``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 
 from ._wire import HASH_BYTES, U63, as_bytes, digest, packb, req_bin, req_float, req_int, req_list, req_map, req_str
 from ._wire import unpackb
+from .adapter import ADAPTER_ENCODING, AdapterInfo, check_adapter_tensors, decode_adapter, validate_adapter
 from .errors import ProtocolError, Reason
 from .identity import Identity, verify_signature
 
@@ -96,7 +98,7 @@ NUMPY_DTYPES: Dict[str, np.dtype] = {
     for name in DTYPE_SIZES
     if name not in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 }
-ENCODINGS = ("raw",)
+ENCODINGS = ("raw", ADAPTER_ENCODING)
 ALIGNMENT = 64
 MAX_NAME_BYTES = 512
 MAX_NDIM = 8
@@ -184,6 +186,7 @@ class WeightManifest:
     base_digest: Optional[bytes] = None  # reserved for delta encodings: digest of the parent's manifest
     meta: Mapping[str, Union[str, int, float, bool]] = dataclasses.field(default_factory=dict)
     learner: bytes = b""  # signer public key (set by decode_manifest / encode_manifest)
+    adapter: Optional[AdapterInfo] = None  # encoding "lora": the base version the adapter tensors apply to
 
     @property
     def n_chunks(self) -> int:
@@ -226,6 +229,7 @@ class WeightManifest:
             "chunk_size": self.chunk_size,
             "chunk_hashes": self.chunk_hashes,
             "meta": dict(self.meta),
+            **({} if self.adapter is None else {"adapter": self.adapter.to_body()}),
         }
 
 
@@ -271,10 +275,12 @@ def build_manifest(
     files: Optional[Mapping[str, bytes]] = None,
     meta: Optional[Mapping[str, Union[str, int, float, bool]]] = None,
     created_at: Optional[float] = None,
+    adapter: Optional[AdapterInfo] = None,
 ) -> Tuple[WeightManifest, bytearray]:
     """Lay out ``tensors`` (name -> numpy array / torch tensor / :class:`RawTensor`, in mapping order) and ``files``
     (name -> bytes: config.json, tokenizer.json, ...) in one flat buffer; return the unsigned manifest and the
-    buffer. Sign and serialize with :func:`encode_manifest`."""
+    buffer. Sign and serialize with :func:`encode_manifest`. With ``adapter`` the version is a LoRA adapter
+    version (encoding ``"lora"``): ``tensors`` are its factors (:mod:`protocol.adapter`)."""
     files = dict(files or {})
     entries: List[TensorEntry] = []
     raws: List[RawTensor] = []
@@ -314,6 +320,8 @@ def build_manifest(
         chunk_size=int(chunk_size),
         chunk_hashes=hashes,
         meta=dict(meta or {}),
+        encoding="raw" if adapter is None else ADAPTER_ENCODING,
+        adapter=adapter,
     )
     _validate_manifest(m, DEFAULT_MANIFEST_LIMITS, exc=ValueError)
     return m, buf
@@ -410,7 +418,7 @@ def decode_manifest(
                                        learner=learner, expected_digest=expected_digest,
                                        max_bytes=limits.max_manifest_bytes)
 
-    b = req_map(unpackb(body_bytes, "manifest body"), _BODY_KEYS, "manifest body")
+    b = req_map(unpackb(body_bytes, "manifest body"), _BODY_KEYS, "manifest body", optional=frozenset({"adapter"}))
     encoding = req_str(b["encoding"], "encoding", 64)
     if encoding not in ENCODINGS:
         raise ProtocolError(Reason.UNKNOWN_VERSION, f"unsupported weight encoding {encoding[:32]!r}")
@@ -452,6 +460,7 @@ def decode_manifest(
         base_digest=None if base_digest is None else req_bin(base_digest, "base_digest", HASH_BYTES),
         meta=meta,
         learner=bytes(signer),
+        adapter=decode_adapter(b["adapter"]) if "adapter" in b else None,
     )
     _validate_manifest(m, limits)
     return m
@@ -472,8 +481,10 @@ def _validate_manifest(m: WeightManifest, limits: ManifestLimits, exc=None) -> N
         fail(Reason.MALFORMED, "parent must be None or an older version")
     if m.encoding not in ENCODINGS:
         fail(Reason.UNKNOWN_VERSION, f"unsupported encoding {m.encoding!r}")
-    if m.encoding == "raw" and m.base_digest is not None:
+    if m.base_digest is not None:
         fail(Reason.MALFORMED, "base_digest is only meaningful for delta encodings")
+    if (m.encoding == ADAPTER_ENCODING) != (m.adapter is not None):
+        fail(Reason.MALFORMED, f"encoding {m.encoding!r} with{'' if m.adapter is not None else 'out'} an adapter field")
     if not limits.min_chunk_size <= m.chunk_size <= limits.max_chunk_size:
         fail(Reason.MALFORMED, f"chunk_size {m.chunk_size} outside [{limits.min_chunk_size}, {limits.max_chunk_size}]")
     if m.total_size > limits.max_total_bytes:
@@ -525,6 +536,9 @@ def _validate_manifest(m: WeightManifest, limits: ManifestLimits, exc=None) -> N
             fail(Reason.MALFORMED, f"meta[{k!r}] int out of range")
         if type(v) is float and not math.isfinite(v):
             fail(Reason.MALFORMED, f"meta[{k!r}] float must be finite")
+    if m.adapter is not None:
+        validate_adapter(m.adapter, exc=exc)
+        check_adapter_tensors(m.adapter, m.version, m.tensors, exc=exc)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
