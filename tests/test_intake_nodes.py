@@ -48,8 +48,12 @@ def test_liars_are_rejected_or_banned_and_the_learner_keeps_training(tmp_path):
     run_dir = tmp_path / "learner"
     procs: list[Proc] = []
     try:
+        # every version a group may claim (up to --max-staleness, 32) stays in the spot-check cache: on a loaded
+        # machine the liars lag the fast tiny-policy learner by more than the default 8 cached versions, and their
+        # groups were then accepted unchecked (verify_unavailable 43, 0 bans of "shift" in 435 steps)
         learner = Proc(learner_args(run_dir, "--max-steps", "1000", "--verify-first", str(VERIFY_FIRST),
-                                    "--verify-fraction", "0.05"), tmp_path / "learner.log")
+                                    "--verify-fraction", "0.05", "--verify-cache-versions", "32"),
+                       tmp_path / "learner.log")
         procs.append(learner)
         from node.local import join_args
 
