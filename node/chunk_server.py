@@ -53,8 +53,9 @@ logger = logging.getLogger(__name__)
 MAX_TRACKED_PEERS = 1024  # per version, for the rationer's "who took how many copies" (hoarding) count
 #: default seconds (``--hoard-grace``) a hoarder (below) has to pass on a chunk before the learner serves that chunk
 #: again regardless: an honest peer that happened to fetch most first copies (the first to ask, or a small version or
-#: delta that one peer gets in a burst) shares them within this time; without the grace its copies were re-served at once to everybody, and
-#: the learner, not the samplers, uploaded most bytes (issue 13's "samplers served 28 %" in make demo).
+#: delta that one peer gets in a burst) shares them within this time; without the grace its copies were re-served at
+#: once to everybody, and the learner, not the samplers, uploaded most bytes (issue 13's "samplers served 28 %" in
+#: make demo).
 HOARD_GRACE_S = 2.0
 RATIONED_OBJECTS = 16  # versions and deltas whose serve counts the rationer keeps (the newest ones)
 MAX_LISTED = 2048  # deltas / versions named in one `deltas` answer (newest first)

@@ -188,7 +188,7 @@ def swarm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deltas")
     procs = []
     try:
-        learner = NodeProc(["learner", "--state", str(tmp / "L"), "--limit", "8e6", *PATIENT_RATION, *SETTINGS[1:]],
+        learner = NodeProc(["learner", "--state", str(tmp / "L"), "--limit", "8e6", *PATIENT_RATION, *SETTINGS],
                            tmp / "learner.log")
         procs.append(learner)
         ready = learner.wait_event("ready", 90)

@@ -254,7 +254,8 @@ def main() -> None:
     p.add_argument("--evil-deltas", action="store_true", help="serve corrupted delta chunks (full versions honestly)")
     p.add_argument("--keep-trying", action="store_true", help="start and wait even if the learner is down")
     p.add_argument("--take-rate", type=float, default=0.0, help="learner: groups/s the trainer side takes (0: all)")
-    p.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="other SwarmConfig fields")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="NAME=VALUE",
+                   help="other SwarmConfig fields (repeatable)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("hivemind").setLevel(logging.WARNING)

@@ -22,7 +22,7 @@ Pid = Tuple[int, float]  # (pid, creation time): names one process even if the P
 
 #: learner flags for the tests that bound its upload per version: on a loaded 2-core machine honest samplers can take
 #: longer than the default 5 s interval / 2 s hoarding grace to pass a chunk on, and the learner then serves another
-#: copy (2.00x and 2.1x seen on loaded CI-like runs). ``--set`` comes last so a test can append more fields to it.
+#: copy (2.00x and 2.1x seen on loaded CI-like runs).
 PATIENT_RATION = ["--ration-interval", "15", "--set", "hoard_grace=6"]
 
 
