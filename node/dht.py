@@ -354,6 +354,10 @@ class SwarmNode:
             client_mode=cfg.client_mode,
             wait_timeout=min(cfg.rpc_timeout, 5.0),
             bootstrap_timeout=cfg.bootstrap_timeout,
+            # a bootstrap peer that answered our dial may die before hivemind's own ping (a learner killed in that
+            # second: the soak saw a sampler exit 3). Unless told to require it, start alone and retry, as when the
+            # dial itself failed.
+            ensure_bootstrap_success=self.require_bootstrap,
         )
         kwargs.update(self._dht_kwargs)
         dht = SwarmDHT(
