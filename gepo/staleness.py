@@ -34,7 +34,13 @@ both the drawn and the realised distribution.
 Versions kept: the whole lag schedule is drawn up front from the seed, so the history knows exactly which versions
 will ever be sampled from and until which step; it snapshots (CPU state dicts) only those and drops each after its
 last use; a group of the current version is sampled from the learner's own weights. At most max_lag versions are
-held (about 3.5 MB each for the 0.87M-parameter tiny policy).
+held (about 3.5 MB each for the 0.87M-parameter tiny policy, 270 MB for a 135M model in bf16).
+
+A pretrained model (`policy_path` = any transformers causal-LM folder, e.g. SmolLM2-135M-Instruct): prompts go
+through its chat template with `system_prompt`, `publish_dtype="bfloat16"` samples every group from the fp32 master
+rounded to bf16 (what samplers receive; kept versions are stored in bf16, on disk with `snapshot_dir`),
+`eval_scoring="reward"` judges its prose answers by the reward's last number, and `compute_dtype` runs the
+learner's passes under autocast over the fp32 master (bf16 is ~6x slower than fp32 on CPUs without bf16 units).
 
 Determinism: prompts, lags and sampling seeds derive from `seed` alone (sampling uses a private generator per
 (step, version)); the same seed, code and torch thread count give the same metrics.
@@ -43,12 +49,13 @@ Determinism: prompts, lags and sampling seeds derive from `seed` alone (sampling
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -130,14 +137,33 @@ class StalenessConfig:
     # --- task and policy
     difficulty: int = 2
     """Synthetic arithmetic difficulty (the shipped tiny policy is warm-started on 2)."""
+    phrasing: str = "expression"
+    """Synthetic task phrasing: "expression" ("What is 3 + 5?") or "word" (short word problems; gepo.data)."""
     policy_path: str | None = None
-    """A tiny-policy folder; None = the shipped gepo/assets/tiny-policy/."""
+    """A model folder: a tiny policy or any transformers causal LM (e.g. models/smollm2-135m-instruct, see
+    docs/SMOLLM2.md); None = the shipped gepo/assets/tiny-policy/."""
+    system_prompt: str | None = None
+    """The system turn of a chat model's prompts (gepo.data.format_prompt), for sampling and evaluation alike."""
     train_size: int = 100_000
+
+    # --- precision (the real-model learner's: fp32 master weights, samplers hold the published copy)
+    publish_dtype: str = "float32"
+    """The dtype versions are published in. "bfloat16": every group, the current version's included, is sampled
+    from the master weights rounded to bf16, as samplers receive them; the learner's log-probs stay its own."""
+    compute_dtype: str = "float32"
+    """The learner's forward/backward dtype over its fp32 master weights (gepo.precision.Precision, autocast)."""
 
     # --- evaluation
     eval_every: int = 25
     eval_size: int = 400
     """Greedy held-out accuracy on the first eval_size problems of split "test" (the same set for every run)."""
+    eval_scoring: str = "first_integer"
+    """How a greedy answer is judged: "first_integer" (the first integer of the text: the tiny policy's answers are
+    bare numbers) or "reward" (the run's RewardScorer accuracy: the last number through math-verify, which a chat
+    model's prose answers need)."""
+    eval_batch_size: int = 0
+    """Problems per greedy generation batch; 0 = all at once (fine for the tiny policy, too much memory for a
+    135M model's 200 problems)."""
     collapse_fraction: float = 0.5
     """A run has collapsed when its last evaluation is below this fraction of the starting accuracy, or a step's loss
     or gradient was not finite; it "dipped" when any evaluation fell below it (it may have recovered)."""
@@ -160,6 +186,12 @@ class StalenessConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.collapse_fraction <= 1:
             raise ValueError(f"collapse_fraction must be in [0, 1], got {self.collapse_fraction}")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"StalenessConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        batch = self.eval_batch_size
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+            raise ValueError(f"StalenessConfig.eval_batch_size must be an int >= 0, got {self.eval_batch_size!r}")
         for key in ("loss_type", "max_completion_length", "temperature"):
             if key in self.loss_overrides:
                 raise ValueError(f"loss_overrides may not set {key!r}: it is taken from the simulator's own fields")
@@ -205,8 +237,27 @@ class StalenessConfig:
         return cls(**d)
 
     def fingerprint(self) -> str:
-        """A short hash of everything that determines the run (for result files and resume)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        """A short hash of everything that determines the run (for result files and resume). Fields added after the
+        first sweeps count only when set away from their default, so earlier result files keep their names."""
+        d = self.to_dict()
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in _ADDED_LATER:
+            if d[name] == defaults[name]:
+                del d[name]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+    def published_dtype(self) -> torch.dtype:
+        return getattr(torch, self.publish_dtype)
+
+
+_CHOICES = {
+    "phrasing": ("expression", "word"),
+    "publish_dtype": ("float32", "bfloat16", "float16"),
+    "compute_dtype": ("float32", "bfloat16", "float16"),
+    "eval_scoring": ("first_integer", "reward"),
+}
+# StalenessConfig fields that did not exist when the first sweeps were recorded (see `fingerprint`)
+_ADDED_LATER = ("phrasing", "system_prompt", "publish_dtype", "compute_dtype", "eval_scoring", "eval_batch_size")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -251,18 +302,28 @@ class PolicyHistory:
     `last_use` maps each version that will ever be needed to the last step that samples from it (from the pre-drawn
     lag schedule); `record` keeps a version only if it is in that map, and `release(step)` drops every version whose
     last use is before `step`. Without a schedule (`last_use=None`) it keeps a sliding window of `window` versions.
+
+    dtype: snapshots are stored rounded to it (the published dtype: bf16 halves the memory of a kept version, and
+    is exactly what a sampler would hold); None keeps each tensor's own dtype. spill_dir: snapshots are written
+    there (one file per version, deleted on release) instead of kept in memory, for models whose kept versions do
+    not fit in RAM (SmolLM2 in bf16: 270 MB per version, up to max_lag + 1 of them).
     """
 
-    def __init__(self, last_use: dict[int, int] | None = None, window: int | None = None) -> None:
+    def __init__(self, last_use: dict[int, int] | None = None, window: int | None = None, *,
+                 dtype: torch.dtype | None = None, spill_dir: str | Path | None = None) -> None:  # fmt: skip
         if last_use is None and window is None:
             raise ValueError("give last_use (a lag schedule) or a window")
         self._last_use = last_use
         self._window = window
-        self._snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self._dtype = dtype
+        self._spill = Path(spill_dir) if spill_dir is not None else None
+        if self._spill is not None:
+            self._spill.mkdir(parents=True, exist_ok=True)
+        self._snapshots: dict[int, dict[str, torch.Tensor] | Path] = {}
         self.peak = 0
 
     @classmethod
-    def from_schedule(cls, versions: np.ndarray) -> PolicyHistory:
+    def from_schedule(cls, versions: np.ndarray, **kwargs: Any) -> PolicyHistory:
         """versions: (steps, groups) version sampled by each group at each step. A group of step t with version t is
         sampled from the live model, so only versions used at a later step than their own are kept."""
         last_use: dict[int, int] = {}
@@ -270,7 +331,7 @@ class PolicyHistory:
             for v in row:
                 if int(v) < step:
                     last_use[int(v)] = step  # steps ascend: the last write is the last use
-        return cls(last_use=last_use)
+        return cls(last_use=last_use, **kwargs)
 
     def needed(self, version: int) -> bool:
         return self._last_use is None or version in self._last_use
@@ -278,24 +339,41 @@ class PolicyHistory:
     def record(self, version: int, model: torch.nn.Module) -> None:
         if not self.needed(version):
             return
-        self._snapshots[version] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        snapshot = snapshot_state(model, self._dtype)
+        if self._spill is not None:
+            path = self._spill / f"version-{version}.pt"
+            torch.save(snapshot, path)
+            self._snapshots[version] = path
+        else:
+            self._snapshots[version] = snapshot
         if self._window is not None:
             for old in [v for v in self._snapshots if v <= version - self._window]:
-                del self._snapshots[old]
+                self._drop(old)
         self.peak = max(self.peak, len(self._snapshots))
 
     def get(self, version: int) -> dict[str, torch.Tensor]:
         try:
-            return self._snapshots[version]
+            kept = self._snapshots[version]
         except KeyError:
             raise KeyError(f"policy version {version} is not kept (kept: {sorted(self._snapshots)})") from None
+        return torch.load(kept, weights_only=True, mmap=True) if isinstance(kept, Path) else kept
 
     def release(self, step: int) -> None:
         """Drop the versions no step >= `step` will sample from."""
         if self._last_use is None:
             return
         for v in [v for v in self._snapshots if self._last_use.get(v, -1) < step]:
-            del self._snapshots[v]
+            self._drop(v)
+
+    def close(self) -> None:
+        """Drop every snapshot (and its file)."""
+        for v in list(self._snapshots):
+            self._drop(v)
+
+    def _drop(self, version: int) -> None:
+        kept = self._snapshots.pop(version)
+        if isinstance(kept, Path):
+            kept.unlink(missing_ok=True)
 
     @property
     def versions(self) -> list[int]:
@@ -303,6 +381,21 @@ class PolicyHistory:
 
     def __len__(self) -> int:
         return len(self._snapshots)
+
+
+def snapshot_state(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A CPU copy of the model's state dict, floating-point tensors rounded to `dtype` when given. Tied tensors (one
+    tensor under two names, e.g. SmolLM2's embedding and output layer) stay one tensor."""
+    copies: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in copies:
+            t = tensor.detach()
+            to = dtype if dtype is not None and t.is_floating_point() else t.dtype
+            copies[key] = t.to("cpu", dtype=to, copy=True)
+        out[name] = copies[key]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -327,6 +420,7 @@ def run_staleness(
     scorer: Any = None,
     progress: Callable[[dict], None] | None = None,
     on_step: Callable[[int, list[ScoredGroup], PolicyHistory], None] | None = None,
+    snapshot_dir: str | Path | None = None,
 ) -> dict:
     """Run one simulated training run and return {"config", "steps", "evals", "summary"} (JSON-serialisable).
 
@@ -334,18 +428,23 @@ def run_staleness(
     place. scorer: a `RewardScorer` to use (default: a new one, closed at the end). progress: called with each
     evaluation record ({"step", "accuracy", ...}) as it happens. on_step: called as on_step(t, groups, history)
     with each step's scored groups just before `train_step` (for inspection and tests; it must not modify them).
+    snapshot_dir: keep the policy versions still to be sampled from as files there rather than in memory
+    (`PolicyHistory`'s spill_dir; it does not change the results).
 
     steps[i]: the train_step metrics of step i plus "lags" and "versions" (one per group) and "reward_mean".
     evals: [{"step", "accuracy"}] on split "test" problems EVAL_OFFSET.. (never seen by the warm start), at step 0, every eval_every steps and after the last step.
     """
+    from gepo.precision import Precision
     from gepo.rewards import RewardConfig, RewardScorer
-    from gepo.sampling import SamplingParams, evaluate_accuracy, generate_groups
+    from gepo.sampling import SamplingParams, evaluate_accuracy, generate_groups, greedy_completions
 
     t_start = time.perf_counter()
     if model is None or tokenizer is None:
         from gepo.tiny_policy import load_tiny_policy
 
-        model, tokenizer = load_tiny_policy(cfg.policy_path)
+        model, tokenizer = load_tiny_policy(cfg.policy_path)  # any transformers causal-LM folder
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     own_scorer = scorer is None
     if own_scorer:
         # a generous start-up limit: sweeps run niced on loaded machines, where importing math-verify in a fresh
@@ -353,24 +452,27 @@ def run_staleness(
         scorer = RewardScorer(RewardConfig(num_workers=cfg.reward_workers, startup_timeout_s=600.0))
 
     # prompts: the train stream is drawn by the run's seed; the eval set is fixed (the same for every run)
-    train_set = load_prompts(DataConfig(source="synthetic", split="train", difficulty=cfg.difficulty, size=cfg.train_size))
+    task = DataConfig(source="synthetic", difficulty=cfg.difficulty, phrasing=cfg.phrasing)
+    train_set = load_prompts(dataclasses.replace(task, split="train", size=cfg.train_size))
     # skip the test problems the tiny policy's warm start looked at (its stopping rule and its held-out check)
-    test_set = load_prompts(
-        DataConfig(source="synthetic", split="test", difficulty=cfg.difficulty, size=EVAL_OFFSET + cfg.eval_size)
-    )
+    test_set = load_prompts(dataclasses.replace(task, split="test", size=EVAL_OFFSET + cfg.eval_size))
     eval_problems = [_EvalProblem(test_set[i].question, int(test_set[i].answer)) for i in range(EVAL_OFFSET, len(test_set))]
     prompt_index = _rng(cfg.seed, "prompts").integers(0, len(train_set), size=(cfg.steps, cfg.groups_per_step))
 
     drawn = draw_lag_schedule(cfg)
     lags = realised_lags(drawn)
     versions = np.arange(cfg.steps)[:, None] - lags
-    history = PolicyHistory.from_schedule(versions)
+    published = cfg.publish_dtype != "float32"
+    history = PolicyHistory.from_schedule(versions, dtype=cfg.published_dtype() if published else None,
+                                          spill_dir=snapshot_dir)  # fmt: skip
+    precision = Precision.for_device("cpu", getattr(torch, cfg.compute_dtype))
 
     tcfg = cfg.train_step_config()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
     )
-    sampler = copy.deepcopy(model) if cfg.max_lag > 0 and cfg.delay_kind != "none" else None
+    # the sampling copy: for stale versions, and for every version when samplers hold a rounded copy
+    sampler = copy.deepcopy(model) if published or (cfg.max_lag > 0 and cfg.delay_kind != "none") else None
     if sampler is not None:
         sampler.eval()
         for p in sampler.parameters():
@@ -381,14 +483,21 @@ def run_staleness(
     def prompt_ids(question: str) -> list[int]:
         ids = prompt_cache.get(question)
         if ids is None:
-            ids = prompt_cache[question] = format_prompt(tokenizer, question)
+            ids = prompt_cache[question] = format_prompt(tokenizer, question, cfg.system_prompt)
         return ids
 
     evals: list[dict] = []
 
     def evaluate(step: int) -> None:
-        acc = evaluate_accuracy(model, tokenizer, eval_problems, batch_size=len(eval_problems),
-                                max_new_tokens=cfg.max_new_tokens)  # fmt: skip
+        batch = cfg.eval_batch_size or len(eval_problems)
+        if cfg.eval_scoring == "reward":
+            texts = greedy_completions(model, tokenizer, [p.question for p in eval_problems], batch_size=batch,
+                                       max_new_tokens=cfg.max_new_tokens, system_prompt=cfg.system_prompt)
+            results = scorer.score(texts, [str(p.answer) for p in eval_problems])
+            acc = float(np.mean([r.accuracy for r in results]))
+        else:
+            acc = evaluate_accuracy(model, tokenizer, eval_problems, batch_size=batch,
+                                    max_new_tokens=cfg.max_new_tokens)  # fmt: skip
         record = {"step": step, "accuracy": acc, "elapsed_s": round(time.perf_counter() - t_start, 2)}
         evals.append(record)
         if progress is not None:
@@ -405,7 +514,10 @@ def run_staleness(
             t_sample = time.perf_counter()
             for v in sorted(set(step_versions)):
                 members = [g for g, gv in enumerate(step_versions) if gv == v]
-                if v == t:
+                if v == t and published:
+                    sampler.load_state_dict(snapshot_state(model, cfg.published_dtype()))
+                    policy = sampler  # the current version as samplers receive it
+                elif v == t:
                     policy = model  # the current version: sample from the learner's own weights
                 else:
                     sampler.load_state_dict(history.get(v))
@@ -438,7 +550,8 @@ def run_staleness(
             if on_step is not None:
                 on_step(t, scored, history)
             try:
-                metrics = train_step(model, optimizer, scored, tcfg, pad_token_id=pad_id, current_version=t, step_index=t)
+                metrics = train_step(model, optimizer, scored, tcfg, pad_token_id=pad_id, current_version=t, step_index=t,
+                                     precision=precision)  # fmt: skip
             except ValueError as e:  # compute_loss refuses a non-finite loss: the update is skipped
                 optimizer.zero_grad(set_to_none=True)
                 metrics = {"error": str(e)[:300], "skipped_nonfinite": 1.0, "grad_norm": float("nan"),
@@ -456,6 +569,7 @@ def run_staleness(
             if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.steps:
                 evaluate(t + 1)
     finally:
+        history.close()
         if own_scorer:
             scorer.close()
 

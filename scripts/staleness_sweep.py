@@ -1,4 +1,4 @@
-"""Staleness sweep: loss types x maximum latency x seeds on the tiny policy and the synthetic task.
+"""Staleness sweep: loss types x maximum latency x seeds on the synthetic task, the tiny policy or a pretrained model.
 
     .venv/bin/python -m scripts.staleness_sweep                # the full sweep, 2 cells at a time, resumable
     .venv/bin/python -m scripts.staleness_sweep --report-only  # rebuild docs/STALENESS.md and the plot from results
@@ -9,6 +9,10 @@ written as one JSON file in --results-dir (named after the cell and a hash of it
 cells whose file exists, so an interrupted sweep resumes where it stopped. At the end (and with --report-only) the
 generated part of docs/STALENESS.md (between its BEGIN/END GENERATED markers; the text around them is kept) and
 docs/staleness.png are rewritten from the result files of the current configuration.
+
+A pretrained model: --policy-path models/smollm2-135m-instruct with --phrasing word --system-prompt ...
+--publish-dtype bfloat16 --eval-scoring reward --eval-batch-size 50 --snapshot-dir DIR (docs/STALENESS.md, the
+SmolLM2 section, has the command of its grid).
 
 Splitting the sweep across machines or sessions: run the same command with --shard 1/2 on one and --shard 2/2 on
 the other (cells are dealt round-robin), copy the result files into one --results-dir, then --report-only.
@@ -86,7 +90,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--difficulty", type=int, default=2, help="synthetic task difficulty (the tiny policy's is 2)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling (and log-prob) temperature")
     g.add_argument("--max-new-tokens", type=int, default=8, help="completion length cap (the loss's M)")
-    g.add_argument("--policy-path", default=None, help="tiny-policy folder (default: the shipped gepo/assets/tiny-policy)")
+    g.add_argument("--phrasing", default="expression", choices=("expression", "word"),
+                   help="synthetic task phrasing (word: sums as short word problems, the SmolLM2 task)")  # fmt: skip
+    g.add_argument("--policy-path", default=None,
+                   help="model folder: a tiny policy or any transformers causal LM, e.g. models/smollm2-135m-instruct "
+                        "(default: the shipped gepo/assets/tiny-policy)")  # fmt: skip
+    g.add_argument("--system-prompt", default=None, help="system turn of a chat model's prompts")
+    g.add_argument("--publish-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype samplers hold versions in (bfloat16: every group sampled from the rounded master)")  # fmt: skip
+    g.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="learner forward/backward dtype over fp32 master weights (bf16 is ~6x slower on CPUs)")  # fmt: skip
+    g.add_argument("--micro-batch-rows", type=int, default=64, help="completions per forward/backward micro-batch")
+    g.add_argument("--eval-scoring", default="first_integer", choices=("first_integer", "reward"),
+                   help="judge greedy answers by their first integer (tiny policy) or by the reward's accuracy "
+                        "(last number via math-verify: chat models)")  # fmt: skip
+    g.add_argument("--eval-batch-size", type=int, default=0, help="problems per greedy evaluation batch (0 = all)")
     g.add_argument("--loss-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra LossConfig field for every run, e.g. sampler_kl_coef=0.005 (value parsed as JSON)")  # fmt: skip
     g = p.add_argument_group("execution and output")
@@ -103,6 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--no-report", action="store_true", help="do not write the markdown report and the plot")
     g.add_argument("--shard", default="1/1", metavar="I/N", help="run only cells i, i+N, ... (1-based) of the grid")
     g.add_argument("--quiet", action="store_true", help="one line per finished cell only")
+    g.add_argument("--snapshot-dir", type=Path, default=None,
+                   help="keep each cell's policy versions still to be sampled from as files here instead of in RAM "
+                        "(a 135M model's bf16 versions are 270 MB each; results are unchanged)")  # fmt: skip
     args = p.parse_args(argv)
     try:
         i, n = (int(x) for x in args.shard.split("/"))
@@ -213,7 +234,14 @@ def make_cells(args: argparse.Namespace) -> list[Cell]:
                     temperature=args.temperature,
                     max_new_tokens=args.max_new_tokens,
                     difficulty=args.difficulty,
+                    phrasing=args.phrasing,
                     policy_path=args.policy_path,
+                    system_prompt=args.system_prompt,
+                    publish_dtype=args.publish_dtype,
+                    compute_dtype=args.compute_dtype,
+                    micro_batch_rows=args.micro_batch_rows,
+                    eval_scoring=args.eval_scoring,
+                    eval_batch_size=args.eval_batch_size,
                     eval_every=args.eval_every,
                     eval_size=args.eval_size,
                     seed=seed,
@@ -231,7 +259,7 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_cell(config: dict, path: str, threads: int, expected_policy: str) -> dict:
+def run_cell(config: dict, path: str, threads: int, expected_policy: str, snapshot_dir: str | None = None) -> dict:
     """Run one cell in this process and write its result file; returns the summary."""
     _worker_init(threads)
     from gepo.staleness import StalenessConfig, run_staleness, save_result
@@ -239,7 +267,7 @@ def run_cell(config: dict, path: str, threads: int, expected_policy: str) -> dic
     cfg = StalenessConfig.from_dict(config)
     if policy_hash(cfg.policy_path) != expected_policy:
         raise RuntimeError("the starting policy's weights changed since the sweep started; re-run the command")
-    result = run_staleness(cfg)
+    result = run_staleness(cfg, snapshot_dir=snapshot_dir)
     result["torch_threads"] = threads
     result["policy_hash"] = expected_policy
     save_result(result, path)
@@ -253,7 +281,11 @@ def run_cells(todo: list[Cell], args: argparse.Namespace, threads: int, total: i
     finished = 0
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        pending = {pool.submit(run_cell, c.config, str(c.path(args.results_dir)), threads, c.policy_hash): c for c in todo}
+        pending = {
+            pool.submit(run_cell, c.config, str(c.path(args.results_dir)), threads, c.policy_hash,
+                        str(args.snapshot_dir / c.name) if args.snapshot_dir else None): c
+            for c in todo
+        }  # fmt: skip
         try:
             while pending:
                 done, _ = wait(pending, timeout=60, return_when=FIRST_COMPLETED)
@@ -355,7 +387,7 @@ def build_report(args: argparse.Namespace, cells: list[Cell], results: dict, com
         "",
         f"Per run: {_steps_text(args, latencies)} × {cfg0['groups_per_step']} prompts × G = {cfg0['group_size']} "
         f"completions (one lag per sampler batch of {cfg0['groups_per_batch']} prompts), lr {cfg0['lr']:g} (AdamW), temperature {cfg0['temperature']:g}, max {cfg0['max_new_tokens']} "
-        f"new tokens, synthetic difficulty {cfg0['difficulty']}, delay model `{cfg0['delay_kind']}`, held-out greedy "
+        f"new tokens, {_task_text(cfg0)}, delay model `{cfg0['delay_kind']}`, held-out greedy "
         f"accuracy on {cfg0['eval_size']} test problems every {cfg0['eval_every']} steps; seeds {', '.join(map(str, seeds))}. "
         f"Cell wall time: mean {sum(walls) / max(len(walls), 1):.0f} s, total {sum(walls) / 60:.1f} CPU-process-minutes.",
         "",
@@ -376,7 +408,7 @@ def build_report(args: argparse.Namespace, cells: list[Cell], results: dict, com
         lines += [lag_row, paper_row, ""]
     start = [r["summary"]["initial_accuracy"] for r in results.values()]
     if start:
-        lines += [f"Starting accuracy (the tiny policy before RL, same eval set): {start[0]:.3f}.", ""]
+        lines += [f"Starting accuracy (the starting policy before RL, same eval set): {start[0]:.3f}.", ""]
 
     lines += [
         "### Per cell",
@@ -452,6 +484,20 @@ def build_report(args: argparse.Namespace, cells: list[Cell], results: dict, com
                      f"{_hist_text(rh, L)} |")  # fmt: skip
     lines += ["", f"![staleness sweep]({args.plot.name})", "", end]
     return "\n".join(lines)
+
+
+def _task_text(cfg: dict) -> str:
+    """The policy, task and precision of a cell's config, in words."""
+    policy = Path(cfg["policy_path"]).name if cfg.get("policy_path") else "the tiny policy"
+    text = f"{policy}, synthetic difficulty {cfg['difficulty']}"
+    if cfg.get("phrasing", "expression") != "expression":
+        text += f" ({cfg['phrasing']} problems)"
+    if cfg.get("publish_dtype", "float32") != "float32" or cfg.get("compute_dtype", "float32") != "float32":
+        text += (f", fp32 master weights with {cfg.get('compute_dtype', 'float32')} compute, versions sampled in "
+                 f"{cfg.get('publish_dtype', 'float32')}")  # fmt: skip
+    if cfg.get("eval_scoring", "first_integer") == "reward":
+        text += ", answers judged by the reward (last number, math-verify)"
+    return text
 
 
 def _steps_text(args: argparse.Namespace, latencies: list[int]) -> str:
@@ -597,10 +643,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if a in ("--report-only", "--no-resume", "--quiet"):
             continue
-        if a == "--shard":
+        if a in ("--shard", "--snapshot-dir"):  # where and which part ran, not what
             skip_next = True
             continue
-        if a.startswith("--shard="):
+        if a.startswith(("--shard=", "--snapshot-dir=")):
             continue
         keep.append(a)
     text = build_report(args, cells, results, reproducible_command(keep))

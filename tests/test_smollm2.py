@@ -170,3 +170,29 @@ def test_lora_on_smollm2_trains_checkpoints_resumes_and_publishes_a_plain_model(
     layer = resumed.get_base_model().model.layers[0].self_attn.q_proj
     merged = (layer.base_layer.weight + layer.get_delta_weight("default")).to(torch.bfloat16)
     assert torch.equal(sampler_model.model.layers[0].self_attn.q_proj.weight, merged)
+
+
+def test_the_staleness_simulator_runs_on_smollm2(smollm2_dir, tmp_path, one_thread):
+    """The SmolLM2 staleness grid's configuration, in miniature: word problems through the chat template, stale groups
+    sampled from bf16-rounded versions kept on disk, greedy answers judged by the reward (prose, last number)."""
+    from gepo.staleness import StalenessConfig, run_staleness
+
+    cfg = StalenessConfig(loss_type="m2po", max_lag=2, delay_kind="fixed", steps=3, groups_per_step=2, group_size=2,
+                          groups_per_batch=1, lr=1e-5, max_new_tokens=8, micro_batch_rows=4, difficulty=1,
+                          phrasing="word", policy_path=str(smollm2_dir), system_prompt=SYSTEM,
+                          publish_dtype="bfloat16", eval_scoring="reward", eval_every=3, eval_size=4,
+                          eval_batch_size=2)  # fmt: skip
+    spill = tmp_path / "versions"
+    seen = []
+
+    def on_step(t, groups, history):
+        seen.append((t, [g.policy_version for g in groups], len(list(spill.iterdir()))))
+
+    result = run_staleness(cfg, on_step=on_step, snapshot_dir=spill)
+    assert [v for _, v, _ in seen] == [[0, 0], [0, 0], [0, 0]]  # lag min(2, t): version 0 throughout
+    assert seen[1][2] >= 1  # a kept version lives on disk while it is still needed
+    assert not list(spill.iterdir())  # and nothing is left behind
+    for s in result["steps"]:
+        assert math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"])
+    assert result["steps"][2]["iw_var"] > 0  # version 0 vs the learner's version 2: off-policy
+    assert [e["step"] for e in result["evals"]] == [0, 3]

@@ -120,6 +120,40 @@ def test_history_window_mode():
     assert history.versions == [3, 4, 5]
 
 
+def test_history_rounds_to_the_published_dtype_and_spills_to_disk(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False))
+    model[1].weight = model[0].weight  # tied, as SmolLM2's embedding and output layer
+    versions = np.array([[0], [0], [1]])
+    history = PolicyHistory.from_schedule(versions, dtype=torch.bfloat16, spill_dir=tmp_path / "spill")
+    history.record(0, model)
+    files = list((tmp_path / "spill").iterdir())
+    assert len(files) == 1  # on disk, not in memory
+    snap = history.get(0)
+    assert snap["0.weight"].dtype == torch.bfloat16
+    assert torch.equal(snap["0.weight"], model[0].weight.detach().to(torch.bfloat16))
+    assert snap["0.weight"].data_ptr() == snap["1.weight"].data_ptr()  # still one tensor
+    copy_ = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False))
+    copy_.load_state_dict(snap)  # a float32 sampler model loads the rounded version
+    assert torch.equal(copy_[0].weight, model[0].weight.detach().to(torch.bfloat16).float())
+    history.release(2)  # version 0 is last used at step 1
+    assert history.versions == [] and not list((tmp_path / "spill").iterdir())
+    history.record(1, model)
+    history.close()
+    assert not list((tmp_path / "spill").iterdir())
+
+
+def test_new_fields_keep_earlier_fingerprints():
+    """Result files of earlier sweeps are named by fingerprints made before these fields existed."""
+    cfg = StalenessConfig(loss_type="gepo", max_lag=64)
+    legacy = {k: v for k, v in cfg.to_dict().items()
+              if k not in ("phrasing", "system_prompt", "publish_dtype", "compute_dtype", "eval_scoring",
+                           "eval_batch_size")}  # fmt: skip
+    import hashlib
+
+    assert cfg.fingerprint() == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:10]
+    assert StalenessConfig(loss_type="gepo", max_lag=64, publish_dtype="bfloat16").fingerprint() != cfg.fingerprint()
+
+
 def test_config_validation():
     with pytest.raises(ValueError):
         StalenessConfig(loss_type="ppo")
@@ -129,6 +163,9 @@ def test_config_validation():
         StalenessConfig(max_lag=-1)
     with pytest.raises(ValueError):
         StalenessConfig(loss_overrides={"max_completion_length": 99})
+    for bad in ({"publish_dtype": "int8"}, {"eval_scoring": "exact"}, {"phrasing": "poem"}, {"eval_batch_size": -1}):
+        with pytest.raises(ValueError):
+            StalenessConfig(**bad)
     cfg = StalenessConfig(loss_type="gspo", max_new_tokens=7, temperature=0.7, loss_overrides={"sampler_kl_coef": 0.005})
     loss = cfg.loss_config()
     assert (loss.loss_type, loss.max_completion_length, loss.temperature, loss.sampler_kl_coef) == ("gspo", 7, 0.7, 0.005)
@@ -174,6 +211,37 @@ def test_groups_are_sampled_from_the_version_they_are_tagged_with():
     for s in result["steps"]:
         assert s["versions"] == [s["step"] - lag for lag in s["lags"]]
         assert s["staleness_max"] == min(3, s["step"])  # train_step's own view of the tags agrees
+
+
+@needs_policy
+def test_bf16_published_versions_are_what_every_group_is_sampled_from():
+    """With publish_dtype bfloat16 every group, lag 0 included, comes from the master weights rounded to bf16 (what a
+    sampler receives), while the learner keeps and trains its float32 master."""
+    import copy
+
+    cfg = StalenessConfig(loss_type="gepo", max_lag=2, delay_kind="fixed", publish_dtype="bfloat16",
+                          eval_scoring="reward", eval_batch_size=16, **SMALL)  # fmt: skip
+    model, tok = load_tiny_policy()
+    probe = copy.deepcopy(model)
+    checked = []
+
+    def check(t, groups, history):
+        for g in groups:
+            if g.policy_version == t:
+                rounded = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+            else:
+                rounded = history.get(g.policy_version)
+                assert all(v.dtype == torch.bfloat16 for v in rounded.values() if v.is_floating_point())
+            probe.load_state_dict(rounded)
+            again = _recomputed_logprobs(probe, g, tok.pad_token_id)
+            for a, b in zip(again, g.sampler_logprobs):
+                assert np.allclose(a, b, atol=1e-4)
+            checked.append(g.policy_version == t)
+
+    result = run_staleness(cfg, model=model, tokenizer=tok, on_step=check)
+    assert any(checked) and not all(checked)  # both the current version and stale ones were checked
+    assert next(model.parameters()).dtype == torch.float32
+    assert all(0.0 <= e["accuracy"] <= 1.0 for e in result["evals"])  # judged by the reward's accuracy
 
 
 def _strip_timing(result: dict) -> dict:
