@@ -148,7 +148,7 @@ def child_sampler(a: argparse.Namespace) -> None:
     def on_version(v: int) -> None:
         log = swarm.catchup.log.get(v, {})  # set just before (node/catchup.py; only with deltas on)
         _emit(event="version", v=v, t=time.time(), fetch_s=swarm.version_times.get(v), plan=log.get("plan"),
-              fetched=log.get("fetched_bytes"))
+              fetched=log.get("fetched_bytes"), apply_s=log.get("apply_s"))
 
     swarm = SamplerSwarm(
         _swarm_config(a, peers=[a.peers], learner_key=a.learner_key, swarming=a.swarming, weight_deltas=a.deltas),
@@ -308,7 +308,7 @@ def distribution(n: int, mode: str, a: argparse.Namespace, tmp: str, publish: st
         if late is not None:  # goes offline holding version 0
             late.send(cmd="quit")
             late.stop(15)
-        times, uploads, slowest_fetch, publish_s, delta_sizes, plans = [], [], [], [], [], []
+        times, uploads, slowest_fetch, publish_s, delta_sizes, plans, apply_s = [], [], [], [], [], [], []
         for r in range(a.repeats):
             v = r + 1
             learner.send(cmd="publish", v=v)
@@ -318,6 +318,7 @@ def distribution(n: int, mode: str, a: argparse.Namespace, tmp: str, publish: st
             slowest_fetch.append(max(e["fetch_s"] or 0 for e in evs))
             publish_s.append(pub["t1"] - pub["t0"])
             plans.append([e["plan"] for e in evs])
+            apply_s.append(max(e.get("apply_s") or 0.0 for e in evs))
             st = learner.request("stats", v=v)
             uploads.append(st["upload"])
             delta_sizes.append(st["deltas"].get(f"{v - 1}-{v}"))
@@ -331,7 +332,8 @@ def distribution(n: int, mode: str, a: argparse.Namespace, tmp: str, publish: st
             time.sleep(0.5)
         row = {"n": n, "mode": mode, "publish": publish, "weights": a.weights, "times": times, "uploads": uploads,
                "fetch": slowest_fetch, "time_median": statistics.median(times),
-               "upload_median": statistics.median(uploads), "publish_s": publish_s, "plans": plans}
+               "upload_median": statistics.median(uploads), "publish_s": publish_s, "plans": plans,
+               "apply_s": apply_s}
         if deltas:
             row["step_delta_sizes"] = delta_sizes
             row["floor_s"] = [d / a.limit if d is not None else a.size / a.limit for d in delta_sizes]
@@ -426,8 +428,8 @@ def delta_vs_full(rows: List[Dict[str, Any]], size: int) -> List[Dict[str, Any]]
     out = []
     by_key = {(r["n"], r["mode"], r["publish"]): r for r in rows}
     print("\n| N | mode | full: time (median) | delta: time (median) | delta / full | learner upload full / delta "
-          "(x size) | step delta (median) | floor full / delta |")
-    print("|---|---|---|---|---|---|---|---|")
+          "(x size) | step delta (median) | floor full / delta | delta: publish() / slowest fetch / slowest apply |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (n, mode, publish), d in by_key.items():
         f = by_key.get((n, mode, "full"))
         if publish != "delta" or f is None:
@@ -437,12 +439,17 @@ def delta_vs_full(rows: List[Dict[str, Any]], size: int) -> List[Dict[str, Any]]
                "time_ratio": d["time_median"] / f["time_median"], "full_upload_median": f["upload_median"] / size,
                "delta_upload_median": d["upload_median"] / size,
                "step_delta_median": statistics.median(sizes) / size if sizes else None,
-               "full_floor_s": f["floor_median"], "delta_floor_s": d["floor_median"]}
+               "full_floor_s": f["floor_median"], "delta_floor_s": d["floor_median"],
+               "delta_publish_s_median": statistics.median(d["publish_s"]),
+               "delta_fetch_s_median": statistics.median(d["fetch"]),
+               "delta_apply_s_median": statistics.median(d["apply_s"])}
         out.append(cmp)
         step = f"{100 * cmp['step_delta_median']:.2f} %" if sizes else "-"
         print(f"| {n} | {mode} | {cmp['full_time_median']:.2f} s | {cmp['delta_time_median']:.2f} s | "
               f"**{cmp['time_ratio']:.2f}** | {cmp['full_upload_median']:.3f} / {cmp['delta_upload_median']:.4f} | "
-              f"{step} | {cmp['full_floor_s']:.2f} s / {cmp['delta_floor_s']:.3f} s |")
+              f"{step} | {cmp['full_floor_s']:.2f} s / {cmp['delta_floor_s']:.3f} s | "
+              f"{cmp['delta_publish_s_median']:.2f} / {cmp['delta_fetch_s_median']:.2f} / "
+              f"{cmp['delta_apply_s_median']:.2f} s |")
     return out
 
 
