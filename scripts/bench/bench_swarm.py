@@ -2,6 +2,8 @@
 
     .venv/bin/python -m scripts.bench.bench_swarm                      # the figures in docs/BENCHMARKS.md
     .venv/bin/python -m scripts.bench.bench_swarm --ns 6 --repeats 3 --modes swarm
+    .venv/bin/python -m scripts.bench.bench_swarm --ns 1,3,6 --modes swarm --repeats 5 --weights smollm2 \
+        --publish delta,full --late --skip-p2p                    # full versions vs deltas (docs/BENCHMARKS.md)
 
 Everything runs on this machine, on 127.0.0.1: one learner process and N sampler processes (real
 ``LearnerSwarm``/``SamplerSwarm`` nodes, each with its own libp2p daemon and DHT), synthetic random "weights".
