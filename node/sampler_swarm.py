@@ -521,7 +521,8 @@ class SamplerSwarm:
             if plan is not None:
                 self.catchup.log[version] = {
                     "plan": [s.as_list() for s in plan.steps], "planned_bytes": plan.bytes,
-                    "fetched_bytes": self.fetch_stats.bytes_down - bytes0, "seconds": round(time.monotonic() - t0, 3)}
+                    "fetched_bytes": self.fetch_stats.bytes_down - bytes0, "seconds": round(time.monotonic() - t0, 3),
+                    "apply_s": round(self.catchup.last_apply_s, 3) if plan.uses_deltas else 0.0}
             logger.info("version %d ready (%d bytes, %.2f s, %d bytes fetched)", version, vb.total_size,
                         time.monotonic() - t0, self.fetch_stats.bytes_down - bytes0)
             self._set_ready(version)
